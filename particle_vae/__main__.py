@@ -1,0 +1,3 @@
+from particle_vae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The ``particle-vae`` command line: one module per subcommand under
+``particle_vae.commands``, each with ``add_args(parser)`` and ``main(args)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from particle_vae import __version__
+from particle_vae.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, ParticleVAEError
+
+#: subcommand name -> (module under particle_vae.commands, one-line help)
+COMMANDS = {
+    "simulate": ("simulate", "simulate a cryo-EM particle stack with known poses, CTF and noise"),
+    "make-benchmark": ("make_benchmark", "write a paper benchmark set (MNIST(N)/(U), SO(2)/SE(2)) as MRC stack + STAR"),
+    "info": ("info", "summarise a STAR file or MRC stack"),
+}
+
+log = logging.getLogger("particle_vae")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="particle-vae",
+        description="Pose-invariant representation learning for cryo-EM particle images.",
+    )
+    parser.add_argument("--version", action="version", version=f"particle-vae {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"particle_vae.commands.{module_name}")
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_args(command)
+        command.set_defaults(_handler=module.main)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_handler", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        result = args._handler(args)
+    except ParticleVAEError as error:
+        print(f"particle-vae {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("particle-vae: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if result is None else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

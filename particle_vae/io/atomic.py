@@ -1,0 +1,54 @@
+"""Atomic file output: write next to the target, then rename over it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from particle_vae.errors import OutputFileError
+
+
+def check_output_path(path: str | Path, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Refuse to write over an input file, or over an existing file unless ``overwrite``.
+
+    Returns:
+        The output path, with its parent folder created.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for source in inputs:
+        if source is not None and Path(source).resolve() == resolved:
+            raise OutputFileError("is an input of this command and would be overwritten", path, "choose another output name")
+    if path.exists() and not overwrite:
+        raise OutputFileError("already exists", path, "choose another output name or pass --overwrite")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputFileError(f"cannot create its folder ({exc.strerror})", path) from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    On error the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
