@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from particle_vae import __version__
@@ -16,6 +17,8 @@ COMMANDS = {
     "simulate": ("simulate", "simulate a cryo-EM particle stack with known poses, CTF and noise"),
     "make-benchmark": ("make_benchmark", "write a paper benchmark set (MNIST(N)/(U), SO(2)/SE(2)) as MRC stack + STAR"),
     "info": ("info", "summarise a STAR file or MRC stack"),
+    "train": ("train", "train a model (TARGET-VAE) on particles or a paper benchmark; writes a run directory"),
+    "infer": ("infer", "write per-particle poses and latents of a trained run to a STAR file"),
 }
 
 log = logging.getLogger("particle_vae")
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("particle-vae: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into e.g. `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_OK if result is None else int(result)
 
 
