@@ -43,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Console shows WARNING (-q), INFO (default) or DEBUG (-vv); the package
+    logger always passes INFO on, so run logs (train.log) are complete."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    root = logging.getLogger()
+    root.setLevel(min(level, logging.INFO))
+    for handler in root.handlers:
+        handler.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:

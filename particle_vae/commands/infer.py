@@ -1,0 +1,36 @@
+"""Read out per-particle pose and latents with a trained run; write a STAR file.
+
+The STAR keeps every input column and the optics block (a RELION 3.0 input is
+upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
+the pvae* latent and confidence columns (see docs/inference.md). A .npz with
+the same numbers is written beside it. Example:
+
+  particle-vae infer run1 --out run1/particles_pose.star
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory written by particle-vae train")
+    parser.add_argument("--out", "-o", type=Path, required=True, help="output STAR file (a .npz is written beside it)")
+    parser.add_argument("--particles", type=Path, help="particles to process (default: the training input)")
+    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
+    parser.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default best)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from particle_vae.engine.inference import infer_run
+
+    infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
+              device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
+              overwrite=args.overwrite)
+    return 0

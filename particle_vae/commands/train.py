@@ -1,0 +1,249 @@
+"""Train a model on particles (STAR, .mrcs or .txt list) or on a paper benchmark.
+
+Writes a run directory: config.json (rebuilds model and data pipeline),
+metrics.jsonl (one line per epoch), train.log and checkpoints/ (last.pt to
+resume, best.pt at the best validation ELBO). Examples:
+
+  particle-vae train particles.star --preset particles --group 8 --zdim 2 --out run1
+  particle-vae train --dataset mnist-u --preset mnist --n 10000 --data-dir DATA --out run2
+  particle-vae train --out run1 --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import fields
+from pathlib import Path
+
+from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR, PRESETS, resolve_kernel
+from particle_vae.engine.run import RunDirectory
+from particle_vae.errors import ParticleVAEError
+
+log = logging.getLogger("particle_vae")
+
+BENCHMARKS = ("mnist-n", "mnist-u", "so2", "se2")
+
+# option name -> TargetVAEConfig field
+MODEL_OPTIONS = {
+    "group": "group_order", "zdim": "zdim", "fields": "n_fields", "kernel": "kernel", "padding": "padding",
+    "encoder": "encoder", "rotation": "rotation", "translation_prior_std": "translation_prior_std",
+    "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
+    "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
+    "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius",
+}
+PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
+                "mask_radius": "mask_radius"}
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed",
+                 "num_workers", "device")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", nargs="?", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
+    parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
+    parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings (printed); options below override them")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    model = parser.add_argument_group("model (TARGET-VAE)")
+    model.add_argument("--model", default="target-vae", choices=["target-vae"])
+    model.add_argument("--group", type=int, help="rotation group order r of P_r (4, 8, 16; default 8)")
+    model.add_argument("--zdim", type=int, help="semantic latent dimensions (default 2)")
+    model.add_argument("--fields", type=int, help="encoder hidden fields (paper: 128)")
+    model.add_argument("--kernel", type=int, help="encoder kernel, pixels (paper MNIST: 28)")
+    model.add_argument("--padding", type=int, help="encoder padding, pixels (paper MNIST: 8)")
+    model.add_argument("--encoder", choices=["group", "plain"], help="ablation: plain = translation-only inference with ordinary convolutions")
+    model.add_argument("--rotation", choices=["full", "discrete", "none"], help="ablation: discrete = no theta offsets; none = no rotation inference")
+    model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None, help="no continuous translation offset inside a cell")
+    model.add_argument("--translation-prior-std", type=float, help="std of p(t) around the centre, pixels")
+    model.add_argument("--theta-prior", choices=["uniform", "normal"])
+    model.add_argument("--theta-prior-std-deg", type=float, help="std of the normal theta prior, degrees (default 45)")
+    model.add_argument("--likelihood", choices=["bernoulli", "gaussian"])
+    model.add_argument("--sigma", type=float, help="fixed noise std of the Gaussian likelihood (default: learned)")
+    model.add_argument("--gen-hidden", type=int, help="generator width (paper: 512)")
+    model.add_argument("--gen-layers", type=int, help="generator hidden layers (paper: 2 MNIST, 6 particles)")
+    model.add_argument("--fourier-features", type=int, help="random Fourier frequencies of the generator")
+    model.add_argument("--fourier-bandwidth", type=float, help="std of the Fourier frequencies, cycles per pixel")
+    model.add_argument("--gumbel-temperature", type=float)
+    model.add_argument("--likelihood-mask", type=float, help="only score pixels within this radius (pixels of the model box)")
+    model.add_argument("--ctf", action="store_true", help="CTF-aware likelihood using the STAR's CTF columns (Gaussian likelihood)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
+    data.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
+    data.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels")
+    data.add_argument("--crop-to", type=int, help="centre-crop the particles to this box first, pixels")
+    data.add_argument("--invert", action="store_true", default=None, help="invert contrast")
+    data.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
+    data.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
+    data.add_argument("--n", type=int, help="benchmarks: use the first N training images")
+    data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files")
+    data.add_argument("--data-dir", type=Path, help="reference-data folder (holds mnist/); or set PARTICLE_VAE_DATA")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--val-fraction", type=float, help="held-out share of the training data (default 0.1)")
+    train.add_argument("--lr-patience", type=int, help="epochs without improvement before halving the learning rate")
+    train.add_argument("--early-stop-patience", type=int, help="epochs without improvement before stopping (0: never)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes")
+    train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="no bf16 autocast on CUDA")
+
+
+def _data_spec(args, preset: dict) -> dict:
+    if args.dataset:
+        from particle_vae.data.mnist import resolve_mnist_dir
+
+        if args.input is not None:
+            raise ParticleVAEError("give either particles or --dataset, not both")
+        mnist_dir = resolve_mnist_dir(args.mnist_dir, args.data_dir)
+        return {"kind": "benchmark", "benchmark": args.dataset, "mnist_dir": str(mnist_dir.resolve()), "split": "train",
+                "n": args.n, "seed": 0}
+    if args.input is None:
+        raise ParticleVAEError("no input: give a particle STAR/stack/list, or --dataset for a benchmark")
+    prep = dict(preset.get("preprocessing", {}))
+    for option, name in PREP_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            prep[name] = value
+    return {"kind": "particles", "path": str(args.input.resolve()),
+            "datadir": None if args.datadir is None else str(args.datadir.resolve()),
+            "pixel_size": args.pixel_size, "preprocessing": prep}
+
+
+def _fit_box(spec: dict) -> None:
+    """Preset boxes larger than the input fall back to the input box."""
+    if spec["kind"] != "particles":
+        return
+    from particle_vae.data.particles import open_source
+
+    source = open_source(spec["path"], datadir=spec["datadir"], pixel_size=spec["pixel_size"])
+    prep = spec["preprocessing"]
+    limit = prep.get("crop_box") or source.box
+    if prep.get("target_box") and prep["target_box"] >= limit:
+        prep.pop("target_box")
+
+
+def _model_settings(args, preset: dict, box: int) -> dict:
+    from particle_vae.models.target_vae import TargetVAEConfig
+
+    settings = {k: v for k, v in preset.get("model", {}).items()}
+    if args.dataset:
+        prior, std = BENCHMARK_THETA_PRIOR[args.dataset]
+        settings["theta_prior"] = prior
+        if std is not None:
+            settings["theta_prior_std"] = std
+        settings.setdefault("likelihood", "bernoulli")
+    for option, name in MODEL_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            settings[name] = value
+    if args.subpixel is not None:
+        settings["subpixel"] = args.subpixel
+    if args.theta_prior_std_deg is not None:
+        settings["theta_prior_std"] = math.radians(args.theta_prior_std_deg)
+    if settings.get("encoder") == "plain":
+        settings.setdefault("rotation", "none")
+    settings["kernel"] = resolve_kernel(settings.get("kernel"), box)
+    settings["box"] = box
+    settings["seed"] = args.seed if args.seed is not None else 0
+    known = {f.name for f in fields(TargetVAEConfig)}
+    return {k: v for k, v in settings.items() if k in known}
+
+
+def main(args: argparse.Namespace) -> int:
+    from particle_vae.engine.trainer import TrainSettings
+
+    run = RunDirectory(args.out)
+    preset = PRESETS[args.preset] if args.preset else {}
+    if args.resume:
+        config = run.read_config()
+        if args.epochs is not None and args.epochs != config["train"]["epochs"]:
+            config["train"]["epochs"] = args.epochs  # extending a finished run
+            run.write_config(config)
+    else:
+        spec = _data_spec(args, preset)
+        _fit_box(spec)
+        train_settings = dict(preset.get("train", {}))
+        for option in TRAIN_OPTIONS:
+            if getattr(args, option) is not None:
+                train_settings[option] = getattr(args, option)
+        train_settings["bf16"] = args.bf16
+        config = {"data": spec, "train": vars(TrainSettings(**train_settings)), "ctf": bool(args.ctf)}
+        run.create(overwrite=args.overwrite)
+    handler = _attach_log(run, args.resume)
+    try:
+        return _train(args, run, preset, config)
+    finally:
+        logging.getLogger("particle_vae").removeHandler(handler)
+        handler.close()
+
+
+def _train(args, run: RunDirectory, preset: dict, config: dict) -> int:
+    from particle_vae.engine.data import prepare_data
+    from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
+    from particle_vae.models import build_model
+
+    if args.preset and not args.resume:
+        log.info("preset %s sets: %s", args.preset, {k: v for k, v in preset.items() if v})
+    prepared = prepare_data(config["data"])
+    for line in prepared.steps:
+        log.info("data: %s", line)
+    settings = TrainSettings(**config["train"])
+    seed_everything(settings.seed)
+    if not args.resume:
+        try:
+            model = build_model({"model": args.model, **_model_settings(args, preset, prepared.box)})
+        except ValueError as error:
+            raise ParticleVAEError(f"invalid model settings: {error}") from None
+        config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box)
+        run.write_config(config)
+    else:
+        model = build_model(config["model"])
+    log.info("model: %s", config["model"])
+    log.info("%d trainable parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
+    ctf_for = _ctf_provider(prepared, model) if config.get("ctf") else None
+    trainer = Trainer(model, prepared.dataset, settings, run, ctf_for=ctf_for)
+    log.info("device %s; %d training and %d validation images", trainer.device, len(trainer.train_idx), len(trainer.val_idx))
+    if args.resume:
+        trainer.resume()
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        log.warning("interrupted; the last finished epoch is saved: continue with  particle-vae train --out %s --resume", run.path)
+        raise
+    log.info("run written to %s", run.path)
+    return 0
+
+
+def _ctf_provider(prepared, model):
+    """index (B,) -> CTF (B, N, N//2+1) at the model's box and pixel size."""
+    from particle_vae.data.ctf import ctf_from_table
+
+    if prepared.source is None or prepared.source.star is None:
+        raise ParticleVAEError("--ctf needs a particle STAR file with CTF columns")
+    if model.config.likelihood != "gaussian":
+        raise ParticleVAEError("--ctf needs the Gaussian likelihood (--likelihood gaussian)")
+    if prepared.pixel_size is None:
+        raise ParticleVAEError("--ctf needs the pixel size: pass --pixel-size")
+    table = prepared.source.star.ctf_parameters()
+    box, apix = prepared.box, prepared.pixel_size
+
+    def ctf_for(index):
+        return ctf_from_table(table.iloc[index.numpy()], box, apix)
+
+    return ctf_for
+
+
+def _attach_log(run: RunDirectory, resume: bool) -> logging.Handler:
+    run.path.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.log_path, mode="a" if resume else "w", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("particle_vae").addHandler(handler)
+    return handler

@@ -1,0 +1,190 @@
+"""Inference: per-particle pose and latent readout, and writing them to STAR.
+
+Output columns (added to, or replacing those of, the input STAR):
+
+* ``rlnAnglePsi`` (degrees), ``rlnOriginXAngst``, ``rlnOriginYAngst``
+  (Angstrom): the in-plane pose in RELION's convention, through
+  :func:`particle_vae.conventions.model_pose_to_relion`; Angstrom values do
+  not depend on the model's (possibly downsampled) box.
+* ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
+* ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
+  TARGET-VAE; other models add their own ``pvae*`` readouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from particle_vae.conventions import model_pose_to_relion
+from particle_vae.data.particles import make_loader
+from particle_vae.engine.data import PreparedData, prepare_data
+from particle_vae.engine.device import resolve_device
+from particle_vae.engine.run import RunDirectory
+from particle_vae.errors import ParticleVAEError
+from particle_vae.io.atomic import atomic_path, check_output_path
+from particle_vae.io.star import ParticleStar, image_name, make_particle_star
+from particle_vae.models import PoseVAE, build_model
+from particle_vae.models.base import load_learnable_state
+
+log = logging.getLogger(__name__)
+
+#: readout ``extra`` key -> STAR column
+EXTRA_COLUMNS = {"pose_confidence": "pvaePoseConfidence", "rotation_entropy": "pvaeRotationEntropy"}
+
+
+def load_model(run: RunDirectory, checkpoint: str = "best", device: torch.device | None = None) -> tuple[PoseVAE, dict]:
+    """Rebuild a trained model from its run directory (eval mode).
+
+    Args:
+        checkpoint: ``"best"`` (best validation ELBO) or ``"last"``.
+    Returns:
+        ``(model, run config)``.
+    """
+    config = run.read_config()
+    model = build_model(config["model"])
+    state = run.load_checkpoint(checkpoint)
+    load_learnable_state(model, state["model"])
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, config
+
+
+@dataclass
+class InferenceResult:
+    """Per-particle outputs in input order.
+
+    Attributes:
+        theta: ``(N,)`` radians; t: ``(N, 2)`` pixels of the model box
+            (generator convention); z_mean, z_std: ``(N, k)``; extra: name -> ``(N,)``.
+    """
+
+    theta: np.ndarray
+    t: np.ndarray
+    z_mean: np.ndarray
+    z_std: np.ndarray
+    extra: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256, device: torch.device | None = None,
+                  num_workers: int = 0) -> InferenceResult:
+    """Read out every particle of ``prepared.dataset`` in input order."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    loader = make_loader(prepared.dataset, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    parts: dict[str, list] = {"theta": [], "t": [], "z_mean": [], "z_std": []}
+    extras: dict[str, list] = {}
+    for batch in tqdm(loader, desc="inference", unit="batch", disable=None, leave=False):
+        out = model.readout(batch["images"].to(device, non_blocking=True))
+        for key in parts:
+            parts[key].append(getattr(out, key).float().cpu().numpy())
+        for key, value in out.extra.items():
+            extras.setdefault(key, []).append(value.float().cpu().numpy())
+    joined = {key: np.concatenate(value) for key, value in parts.items()}
+    return InferenceResult(extra={k: np.concatenate(v) for k, v in extras.items()}, **joined)
+
+
+def result_columns(result: InferenceResult, pixel_size: float) -> dict[str, np.ndarray]:
+    """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel."""
+    psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, pixel_size)
+    columns = {"rlnAnglePsi": np.round(psi, 6), "rlnOriginXAngst": np.round(origin_x, 6), "rlnOriginYAngst": np.round(origin_y, 6)}
+    for i in range(result.z_mean.shape[1]):
+        columns[f"pvaeZ{i + 1}"] = np.round(result.z_mean[:, i].astype(np.float64), 7)
+    for i in range(result.z_std.shape[1]):
+        columns[f"pvaeZStd{i + 1}"] = np.round(result.z_std[:, i].astype(np.float64), 7)
+    for key, value in result.extra.items():
+        columns[EXTRA_COLUMNS.get(key, "pvae" + "".join(p.title() for p in key.split("_")))] = np.round(value.astype(np.float64), 7)
+    return columns
+
+
+def output_star(prepared: PreparedData, columns: dict[str, np.ndarray], out_path: Path) -> ParticleStar:
+    """The input STAR (made RELION 3.1) with ``columns`` added, or a new STAR for stacks."""
+    source = prepared.source
+    if source is None:
+        raise ParticleVAEError("inference needs particles on disk: pass --particles (e.g. a set written by make-benchmark)")
+    if source.star is not None:
+        star = source.star.to_relion31(pixel_size=source.pixel_size, image_size=source.box)
+        return star.with_columns({**relocated_image_names(source, out_path.parent), **columns})
+    if source.pixel_size is None:
+        raise ParticleVAEError(f"{source.path}: no pixel size known; pass --pixel-size")
+    names = [image_name(int(i), os.path.relpath(source.stack_paths[int(s)], out_path.parent.resolve()))
+             for s, i in zip(source.stack_index, source.image_index)]
+    return make_particle_star(names, source.pixel_size, source.box, columns=columns)
+
+
+def relocated_image_names(source, new_dir: Path) -> dict[str, np.ndarray]:
+    """``rlnImageName`` rewritten so the stacks resolve from ``new_dir``, if needed.
+
+    Names that already resolve from ``new_dir`` or from the current folder (a
+    RELION project layout) are kept; others become relative to ``new_dir``.
+    Returns ``{}`` when nothing changes.
+    """
+    names = source.star.particles["rlnImageName"].astype(str).to_numpy()
+    new_dir = Path(new_dir).resolve()
+    changed = False
+    out = names.copy()
+    for number, stack in enumerate(source.stack_paths):
+        rows = np.flatnonzero(source.stack_index == number)
+        original = names[rows[0]].split("@", 1)[1]
+        if (new_dir / original).resolve() == stack.resolve() or (Path.cwd() / original).resolve() == stack.resolve():
+            continue
+        relative = os.path.relpath(stack.resolve(), new_dir)
+        out[rows] = [image_name(int(i), relative) for i in source.image_index[rows]]
+        changed = True
+    return {"rlnImageName": out} if changed else {}
+
+
+def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
+              device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
+              overwrite: bool = False) -> tuple[Path, Path]:
+    """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it.
+
+    Returns:
+        ``(star path, npz path)``.
+    """
+    run = RunDirectory(run_path)
+    torch_device = resolve_device(device)
+    model, config = load_model(run, checkpoint, torch_device)
+    spec = dict(config["data"])
+    if spec["kind"] == "benchmark":
+        if particles is None:
+            raise ParticleVAEError("this run was trained on a generated benchmark: pass --particles with a STAR from make-benchmark")
+        spec = {"kind": "particles", "path": str(particles), "datadir": None, "pixel_size": None,
+                "preprocessing": {"normalize": "none"}}
+    if datadir is not None:
+        spec["datadir"] = str(datadir)
+    if pixel_size is not None:
+        spec["pixel_size"] = pixel_size
+    inputs = tuple(p for p in (particles, spec.get("path")) if p is not None)
+    out_path = check_output_path(out_path, overwrite=overwrite, inputs=inputs)
+    npz_path = check_output_path(out_path.with_suffix(".npz"), overwrite=overwrite, inputs=inputs)
+    prepared = prepare_data(spec, path_override=particles)
+    if prepared.box != model.box:
+        raise ParticleVAEError(
+            f"{prepared.source.path}: preprocessing gives {prepared.box} px images but the model expects {model.box} px; "
+            "use particles with the training box size"
+        )
+    model_apix = prepared.pixel_size if prepared.pixel_size is not None else config.get("pixel_size")
+    if model_apix is None:
+        raise ParticleVAEError(f"{prepared.source.path}: no pixel size known; pass --pixel-size")
+    for line in prepared.steps:
+        log.info("data: %s", line)
+    result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers)
+    columns = result_columns(result, model_apix)
+    star = output_star(prepared, columns, out_path)
+    star.write(out_path, overwrite=True)
+    with atomic_path(npz_path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
+                     pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()},
+                     **{k: v for k, v in columns.items() if k.startswith("rln")})
+    log.info("wrote %s (%d particles) and %s", out_path, len(result.theta), npz_path)
+    return out_path, npz_path

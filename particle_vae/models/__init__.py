@@ -1,0 +1,22 @@
+"""Model zoo: one file per model, all behind :class:`particle_vae.models.base.PoseVAE`."""
+
+from __future__ import annotations
+
+from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
+
+#: model name -> class
+MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE}
+
+
+def build_model(config: dict) -> PoseVAE:
+    """Rebuild a model from :meth:`PoseVAE.config_dict` output."""
+    settings = dict(config)
+    name = settings.pop("model")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    cls = MODELS[name]
+    return cls(cls.config_class(**settings))
+
+
+__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig"]

@@ -1,0 +1,126 @@
+"""The interface every model implements, so the trainer, inference and
+analysis never need to know which model they run.
+
+A model is an ``nn.Module`` with a JSON-serialisable config that rebuilds it,
+and four operations on a batch of images ``(B, 1, N, N)``:
+
+* :meth:`PoseVAE.loss` -> :class:`LossTerms` (what training minimises, with
+  every term for logging);
+* :meth:`PoseVAE.readout` -> :class:`Readout` (deterministic pose and latent
+  per image: MAP pose, latent mean and std, confidence values);
+* :meth:`PoseVAE.decode` -> images drawn from latents at a given pose;
+* :meth:`PoseVAE.reconstruct` -> images redrawn from their readout.
+
+Poses are in the generator convention of :mod:`particle_vae.conventions`:
+``theta`` in radians and ``t`` in pixels, ``g(x) = f(R(theta) x + t)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossTerms:
+    """Per-batch objective.
+
+    Attributes:
+        loss: scalar to minimise (negative ELBO per image, averaged over the batch).
+        elbo: scalar ELBO per image (nats), averaged over the batch.
+        terms: named scalars for the log (e.g. ``recon``, ``kl_pose``, ``kl_z``).
+    """
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Readout:
+    """Deterministic per-image outputs for inference and analysis.
+
+    Attributes:
+        theta: ``(B,)`` radians (generator convention).
+        t: ``(B, 2)`` pixels (generator convention), in the model's box.
+        z_mean, z_std: ``(B, k)`` latent posterior mean and standard deviation.
+        extra: named ``(B,)`` tensors (e.g. pose confidence) written as columns.
+    """
+
+    theta: torch.Tensor
+    t: torch.Tensor
+    z_mean: torch.Tensor
+    z_std: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PoseVAE(nn.Module):
+    """Base class: subclasses set ``name`` and ``config_class`` and implement the methods."""
+
+    name: str = ""
+    config_class: type = object
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def box(self) -> int:
+        return int(self.config.box)
+
+    @property
+    def zdim(self) -> int:
+        return int(self.config.zdim)
+
+    def config_dict(self) -> dict:
+        """JSON-serialisable config that rebuilds this model with :func:`build_model`."""
+        return {"model": self.name, **dataclasses.asdict(self.config)}
+
+    def loss(self, images: torch.Tensor, ctf: torch.Tensor | None = None) -> LossTerms:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def readout(self, images: torch.Tensor) -> Readout:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Images ``(B, N, N)`` in data units from ``z (B, k)``, ``theta (B,)`` rad, ``t (B, 2)`` px."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Redraw images from their readout: ``(B, 1, N, N)`` -> ``(B, N, N)``."""
+        out = self.readout(images)
+        return self.decode(out.z_mean, out.theta, out.t)
+
+
+def _learnable_items(model: nn.Module):
+    yield from model.named_parameters()
+    e2cnn_prefixes = [name + "." for name, module in model.named_modules() if type(module).__module__.startswith("e2cnn")]
+    for name, value in model.named_buffers():
+        if not any(name.startswith(prefix) for prefix in e2cnn_prefixes):
+            yield name, value
+
+
+def learnable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters plus the model's own small buffers, without e2cnn's sampled
+    filter bases (hundreds of MB, rebuilt from the config on load)."""
+    return {name: value.detach().cpu().clone() for name, value in _learnable_items(model)}
+
+
+def load_learnable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`learnable_state` dict; every saved tensor must match a model tensor.
+
+    e2cnn layers cache their expanded filters in eval mode, so the model is
+    cycled through train mode to rebuild them from the loaded weights.
+    """
+    names = {name for name, _ in _learnable_items(model)}
+    missing, unexpected = names - set(state), set(state) - names
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    mode = model.training
+    model.load_state_dict(state, strict=False)
+    model.train(True)
+    model.train(mode)

@@ -1,0 +1,166 @@
+"""Training engine and the train -> infer -> STAR path on tiny simulated data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+
+from particle_vae import cli
+from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.trainer import split_indices
+from particle_vae.io.mrc import write_stack
+from particle_vae.io.star import ParticleStar, image_name, make_particle_star
+
+TINY = ["--preset", "tiny", "--fields", "4", "--gen-hidden", "32", "--fourier-features", "16", "--group", "4",
+        "--downsample-to", "24", "--batch-size", "16", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("sim")
+    code = cli.main(["-q", "simulate", "--preset", "t20s", "--n", "96", "--box", "32", "--pixel-size", "8",
+                     "--snr", "1", "--data-dir", str(data_root), "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out / "particles.star"
+
+
+def train(args, capsys=None):
+    code = cli.main(["-q", "train", *args])
+    return code
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    train_idx, val_idx = split_indices(50, 0.1, seed=1)
+    assert len(val_idx) == 5 and len(train_idx) == 45
+    assert sorted(np.concatenate([train_idx, val_idx]).tolist()) == list(range(50))
+    again = split_indices(50, 0.1, seed=1)
+    assert (again[1] == val_idx).all()
+    assert not (split_indices(50, 0.1, seed=2)[1] == val_idx).all()
+
+
+def test_training_raises_the_elbo_and_writes_a_run(simulated, tmp_path):
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "5", "--lr", "3e-3", "--out", str(run)]) == 0
+    rows = RunDirectory(run).read_metrics()
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["val_elbo"] > rows[0]["val_elbo"]
+    assert rows[-1]["train_elbo"] > rows[0]["train_elbo"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["model"] == "target-vae" and config["model"]["box"] == 24
+    assert config["data"]["preprocessing"]["target_box"] == 24
+    # checkpoints hold learnable parameters only (no e2cnn sampled bases)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert not any("_basisexpansion" in key or key.endswith(".filter") for key in state["model"])
+    assert (run / "train.log").read_text().count("epoch") >= 5
+
+
+def test_resume_continues_exactly(simulated, tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert train([str(simulated), *TINY, "--epochs", "3", "--out", str(straight)]) == 0
+    assert train([str(simulated), *TINY, "--epochs", "2", "--out", str(resumed)]) == 0
+    assert train(["--out", str(resumed), "--resume", "--epochs", "3"]) == 0
+    a, b = RunDirectory(straight).read_metrics(), RunDirectory(resumed).read_metrics()
+    assert [r["epoch"] for r in b] == [0, 1, 2]
+    for key in ("train_elbo", "val_elbo", "train_kl_pose", "lr"):
+        assert math.isclose(a[2][key], b[2][key], rel_tol=1e-5, abs_tol=1e-4), key
+
+
+def test_existing_run_is_not_overwritten(simulated, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    before = (run / "config.json").read_bytes()
+    assert train([str(simulated), *TINY, "--epochs", "1", "--out", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    run = RunDirectory(tmp_path)
+    run.checkpoint_dir.mkdir()
+    run.save_checkpoint(run.last_checkpoint, {"epoch": 1})
+
+    def failing_save(obj, path):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint(run.last_checkpoint, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(run.last_checkpoint, weights_only=False) == {"epoch": 1}
+    assert [p.name for p in run.checkpoint_dir.iterdir()] == ["last.pt"]
+
+
+def test_train_infer_star_round_trip(simulated, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out" / "poses.star"
+    assert train([str(simulated), *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    assert cli.main(["-q", "infer", str(run), "--out", str(out), "--batch-size", "40"]) == 0
+    source = ParticleStar(simulated)
+    ours = ParticleStar(out)
+    theirs = starfile.read(out)
+    assert len(ours) == len(source) == len(theirs["particles"])
+    for column in source.particles.columns:
+        if column != "rlnImageName":
+            pd.testing.assert_series_equal(ours.particles[column], source.particles[column], check_names=False)
+    for column in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "pvaeZ1", "pvaeZ2", "pvaeZStd1", "pvaePoseConfidence", "pvaeRotationEntropy"):
+        np.testing.assert_array_equal(ours.particles[column].to_numpy(float), theirs["particles"][column].to_numpy(float))
+    assert ours.particles["rlnAnglePsi"].between(-180, 180).all()
+    assert ours.optics.equals(source.optics)
+    # the stacks still resolve from the new folder
+    locations = ours.image_locations()
+    assert locations.stack_paths[0].resolve() == (simulated.parent / "particles.mrcs").resolve()
+    npz = np.load(out.with_suffix(".npz"))
+    np.testing.assert_allclose(npz["rlnAnglePsi"], ours.particles["rlnAnglePsi"])
+    assert npz["z_mean"].shape == (len(source), 2)
+
+
+def test_infer_on_a_bare_stack_writes_a_relion31_star(simulated, tmp_path):
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    stack = simulated.parent / "particles.mrcs"
+    out = tmp_path / "stack_poses.star"
+    assert cli.main(["-q", "infer", str(run), "--particles", str(stack), "--pixel-size", "8", "--out", str(out)]) == 0
+    star = ParticleStar(out)
+    assert star.is_relion31 and star.pixel_size() == 8 and len(star) == 96
+    assert star.image_locations().stack_paths[0].resolve() == stack.resolve()
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("nan", "NaN"),
+        ("small_box", "smaller than the encoder kernel"),
+        ("cuda", "CUDA"),
+    ],
+)
+def test_bad_training_input_gives_one_line_errors(tmp_path, capsys, problem, expected):
+    images = np.random.default_rng(0).normal(size=(20, 24, 24)).astype(np.float32)
+    stack = write_stack(tmp_path / "p.mrcs", images, 2.0)
+    args = [str(stack), *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]
+    if problem == "nan":
+        raw = bytearray(stack.read_bytes())
+        raw[1024 + 5 * 24 * 24 * 4: 1024 + 5 * 24 * 24 * 4 + 4] = np.array([np.nan], dtype="<f4").tobytes()
+        stack.write_bytes(bytes(raw))
+    elif problem == "small_box":
+        args += ["--kernel", "41"]
+    elif problem == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        args += ["--device", "cuda"]
+    assert train(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_empty_stack_is_rejected(tmp_path, capsys):
+    star = make_particle_star([image_name(0, "none.mrcs")], 1.0, 24)
+    path = star.write(tmp_path / "p.star")
+    assert train([str(path), *TINY, "--out", str(tmp_path / "run")]) == 2
+    assert "none.mrcs" in capsys.readouterr().err
