@@ -164,3 +164,51 @@ def test_empty_stack_is_rejected(tmp_path, capsys):
     path = star.write(tmp_path / "p.star")
     assert train([str(path), *TINY, "--out", str(tmp_path / "run")]) == 2
     assert "none.mrcs" in capsys.readouterr().err
+
+
+def test_stack_without_images_is_rejected(tmp_path, capsys):
+    from particle_vae.io.mrc import HEADER_DTYPE_LE
+
+    header = np.zeros(1, dtype=HEADER_DTYPE_LE)
+    header[0]["nx"], header[0]["ny"], header[0]["nz"], header[0]["mode"] = 24, 24, 0, 2
+    header[0]["map"] = b"MAP "
+    path = tmp_path / "empty.mrcs"
+    path.write_bytes(header.tobytes())
+    assert train([str(path), *TINY, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "empty.mrcs" in err and "no images" in err and "\n" not in err
+
+
+def test_ctf_aware_training_runs(simulated, tmp_path):
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "1", "--ctf", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["ctf"] is True and config["model"]["likelihood"] == "gaussian"
+    assert math.isfinite(RunDirectory(run).read_metrics()[0]["val_elbo"])
+
+
+def test_written_poses_align_the_model_s_own_drawings(simulated, tmp_path):
+    """Particles drawn by the model at its inferred pose, aligned with the STAR's
+    RELION columns through the conventions module, are the model's centred,
+    upright drawing (pose zero)."""
+    from particle_vae.conventions import undo_relion_pose
+    from particle_vae.engine.inference import load_model
+
+    run, out = tmp_path / "run", tmp_path / "poses.star"
+    assert train([str(simulated), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    assert cli.main(["-q", "infer", str(run), "--out", str(out)]) == 0
+    model, config = load_model(RunDirectory(run))
+    rows = ParticleStar(out).particles.iloc[:8]
+    z = torch.tensor(rows[["pvaeZ1", "pvaeZ2"]].to_numpy(), dtype=torch.float32)
+    npz = np.load(out.with_suffix(".npz"))
+    theta, t = torch.as_tensor(npz["theta"][:8]), torch.as_tensor(npz["t_px"][:8])
+    with torch.no_grad():
+        posed = model.decode(z, theta, t)
+        upright = model.decode(z, torch.zeros(8), torch.zeros(8, 2))
+    origin = rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    aligned = undo_relion_pose(posed.double(), rows["rlnAnglePsi"].to_numpy(), origin, config["pixel_size"], mode="bicubic")
+    inner = model.box // 2 - 4
+    centre = slice(model.box // 2 - inner // 2, model.box // 2 + inner // 2)
+    a, b = aligned[:, centre, centre].float(), upright[:, centre, centre]
+    error = (a - b).norm() / b.norm()
+    assert error < 0.15, float(error)

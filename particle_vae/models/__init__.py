@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
+from particle_vae.models.vae import VAE, VAEConfig
 
 #: model name -> class
-MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE}
+MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE}
 
 
 def build_model(config: dict) -> PoseVAE:
@@ -19,4 +20,4 @@ def build_model(config: dict) -> PoseVAE:
     return cls(cls.config_class(**settings))
 
 
-__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig"]
+__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig"]

@@ -18,9 +18,11 @@ Poses are in the generator convention of :mod:`particle_vae.conventions`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -78,6 +80,34 @@ class PoseVAE(nn.Module):
     def config_dict(self) -> dict:
         """JSON-serialisable config that rebuilds this model with :func:`build_model`."""
         return {"model": self.name, **dataclasses.asdict(self.config)}
+
+    def _init_likelihood(self) -> None:
+        """Create the learned noise level when the config asks for a Gaussian
+        likelihood without a fixed ``gaussian_sigma``; no mask by default."""
+        learn = self.config.likelihood == "gaussian" and self.config.gaussian_sigma is None
+        self.log_sigma = nn.Parameter(torch.zeros(())) if learn else None
+        self.likelihood_mask = None
+
+    def log_likelihood(self, images: torch.Tensor, raw: torch.Tensor, ctf: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(y | generated)`` per image, summed over (masked) pixels.
+
+        Args:
+            images, raw: ``(B, N, N)`` data and generator output (Bernoulli
+                logits or Gaussian means, by ``config.likelihood``).
+            ctf: optional ``(B, N, N//2 + 1)`` CTF (``rfft2`` layout) applied to
+                the Gaussian mean before comparison.
+        Returns:
+            ``(B,)`` nats.
+        """
+        if self.config.likelihood == "bernoulli":
+            per_pixel = -F.binary_cross_entropy_with_logits(raw, images, reduction="none")
+        else:
+            mean = raw if ctf is None else torch.fft.irfft2(torch.fft.rfft2(raw) * ctf, s=raw.shape[-2:])
+            sigma = self.log_sigma.exp() if self.log_sigma is not None else raw.new_tensor(float(self.config.gaussian_sigma))
+            per_pixel = -0.5 * ((images - mean) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+        if self.likelihood_mask is not None:
+            per_pixel = per_pixel * self.likelihood_mask
+        return per_pixel.flatten(1).sum(-1)
 
     def loss(self, images: torch.Tensor, ctf: torch.Tensor | None = None) -> LossTerms:  # pragma: no cover - interface
         raise NotImplementedError

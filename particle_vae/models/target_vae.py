@@ -31,8 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from particle_vae.conventions import grid_half_width, pixel_grid, rotation_matrix, wrap_angle
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
@@ -133,16 +131,12 @@ class TargetVAE(PoseVAE):
         )
         self.generator = SpatialGenerator(c.box, c.zdim, hidden=c.gen_hidden, n_layers=c.gen_layers,
                                           n_features=c.n_fourier, bandwidth=c.fourier_bandwidth, seed=c.seed)
-        if c.likelihood == "gaussian" and c.gaussian_sigma is None:
-            self.log_sigma = nn.Parameter(torch.zeros(()))
-        else:
-            self.log_sigma = None
+        self._init_likelihood()
         self._register_cells()
         if c.mask_radius is not None:
             radius = pixel_grid(c.box).norm(dim=-1)
+            del self.likelihood_mask
             self.register_buffer("likelihood_mask", (radius <= c.mask_radius).float(), persistent=False)
-        else:
-            self.likelihood_mask = None
 
     # -- cells and priors ---------------------------------------------------
     def _register_cells(self) -> None:
@@ -268,22 +262,6 @@ class TargetVAE(PoseVAE):
         if self.log_sigma is not None:
             terms["sigma"] = self.log_sigma.exp().detach()
         return LossTerms(loss=-elbo.mean(), elbo=elbo.mean().detach(), terms=terms)
-
-    def log_likelihood(self, images: torch.Tensor, raw: torch.Tensor, ctf: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p(y | generated)`` per image, summed over (masked) pixels: ``(B,)``.
-
-        Args:
-            images, raw: ``(B, N, N)`` data and generator output (logits or means).
-        """
-        if self.config.likelihood == "bernoulli":
-            per_pixel = -F.binary_cross_entropy_with_logits(raw, images, reduction="none")
-        else:
-            mean = raw if ctf is None else torch.fft.irfft2(torch.fft.rfft2(raw) * ctf, s=raw.shape[-2:])
-            sigma = self.log_sigma.exp() if self.log_sigma is not None else torch.tensor(float(self.config.gaussian_sigma))
-            per_pixel = -0.5 * ((images - mean) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
-        if self.likelihood_mask is not None:
-            per_pixel = per_pixel * self.likelihood_mask
-        return per_pixel.flatten(1).sum(-1)
 
     # -- inference -----------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Metrics, clustering and plots of latent spaces and poses."""

@@ -1,0 +1,100 @@
+"""Plain VAE and beta-VAE baselines (Kingma & Welling; Higgins et al.).
+
+An MLP encoder maps the whole image to a Gaussian q(z | y); an MLP decoder maps
+z back to all pixels. There is no pose: the readout reports theta = 0 and t = 0,
+so pose metrics treat it as a model that explains transformations with z.
+``beta`` weights the KL term (beta = 1: VAE; the TARGET-VAE paper compares
+with beta = 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from particle_vae.models.base import LossTerms, PoseVAE, Readout
+
+
+@dataclass
+class VAEConfig:
+    """Settings that rebuild a (beta-)VAE.
+
+    Attributes:
+        box: image size in pixels.
+        zdim: latent size.
+        hidden: width of the hidden layers; layers: hidden layers per network.
+        beta: KL weight.
+        likelihood: ``"bernoulli"`` or ``"gaussian"``; gaussian_sigma: fixed
+            std or ``None`` to learn it.
+    """
+
+    box: int
+    zdim: int = 2
+    hidden: int = 512
+    layers: int = 2
+    beta: float = 1.0
+    likelihood: str = "bernoulli"
+    gaussian_sigma: float | None = None
+
+    def validate(self) -> None:
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
+        if self.zdim < 1 or self.layers < 1 or self.hidden < 1:
+            raise ValueError("zdim, layers and hidden must be positive")
+        if self.beta <= 0:
+            raise ValueError("beta must be positive")
+
+
+def _mlp(n_in: int, hidden: int, layers: int, n_out: int) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    width = n_in
+    for _ in range(layers):
+        modules += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+        width = hidden
+    modules.append(nn.Linear(width, n_out))
+    return nn.Sequential(*modules)
+
+
+class VAE(PoseVAE):
+    """(beta-)VAE on ``(B, 1, N, N)`` images."""
+
+    name = "vae"
+    config_class = VAEConfig
+
+    def __init__(self, config: VAEConfig):
+        config.validate()
+        super().__init__(config)
+        pixels = config.box * config.box
+        self.encoder = _mlp(pixels, config.hidden, config.layers, 2 * config.zdim)
+        self.decoder = _mlp(config.zdim, config.hidden, config.layers, pixels)
+        self._init_likelihood()
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logstd = self.encoder(images.flatten(1)).chunk(2, dim=-1)
+        return mu, logstd.clamp(-8.0, 4.0)
+
+    def loss(self, images: torch.Tensor, ctf: torch.Tensor | None = None) -> LossTerms:
+        """Negative beta-ELBO; ``elbo`` is the true ELBO (beta = 1) for comparison."""
+        mu, logstd = self._encode(images)
+        z = mu + logstd.exp() * torch.randn_like(mu)
+        raw = self.decoder(z).view(-1, self.box, self.box)
+        log_lik = self.log_likelihood(images[:, 0], raw, ctf)
+        kl = 0.5 * (mu ** 2 + torch.exp(2 * logstd) - 1.0 - 2 * logstd).sum(-1)
+        objective = log_lik - self.config.beta * kl
+        elbo = log_lik - kl
+        return LossTerms(loss=-objective.mean(), elbo=elbo.mean().detach(),
+                         terms={"recon": -log_lik.mean().detach(), "kl_z": kl.mean().detach()})
+
+    @torch.no_grad()
+    def readout(self, images: torch.Tensor) -> Readout:
+        mu, logstd = self._encode(images)
+        batch = images.shape[0]
+        zeros = torch.zeros(batch, device=images.device)
+        return Readout(theta=zeros, t=torch.zeros(batch, 2, device=images.device), z_mean=mu, z_std=logstd.exp())
+
+    def decode(self, z: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, N, N)``; the pose is ignored (this model has none)."""
+        raw = self.decoder(z).view(-1, self.box, self.box)
+        return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
