@@ -100,6 +100,8 @@ class PoseVAE(nn.Module):
             ``(B,)`` nats.
         """
         if self.config.likelihood == "bernoulli":
+            if ctf is not None:
+                raise ValueError("a CTF-aware likelihood needs likelihood='gaussian'")
             per_pixel = -F.binary_cross_entropy_with_logits(raw, images, reduction="none")
         else:
             mean = raw if ctf is None else torch.fft.irfft2(torch.fft.rfft2(raw) * ctf, s=raw.shape[-2:])
@@ -127,10 +129,11 @@ class PoseVAE(nn.Module):
 
 
 def _learnable_items(model: nn.Module):
-    yield from model.named_parameters()
-    e2cnn_prefixes = [name + "." for name, module in model.named_modules() if type(module).__module__.startswith("e2cnn")]
-    for name, value in model.named_buffers():
-        if not any(name.startswith(prefix) for prefix in e2cnn_prefixes):
+    """Parameters and persistent buffers, except buffers of e2cnn modules."""
+    parameters = dict(model.named_parameters())
+    e2cnn_prefixes = tuple(name + "." for name, module in model.named_modules() if type(module).__module__.startswith("e2cnn"))
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name in parameters or not name.startswith(e2cnn_prefixes):
             yield name, value
 
 

@@ -127,8 +127,10 @@ class TargetVAE(PoseVAE):
         self.n_out = 1 + (2 if self.infers_offset else 0) + 2 * c.zdim + (4 if c.subpixel else 0)
         self.encoder = GroupConvEncoder(
             c.group_order if c.encoder == "group" else 1, self.n_out, n_fields=c.n_fields, kernel=c.kernel,
-            padding=c.padding, plain=c.encoder == "plain", pool_rotations=c.rotation == "none",
+            padding=c.padding, plain=c.encoder == "plain",
         )
+        # rotation="none" with group convolutions: pool the rotation channels (ablation)
+        self.pool_rotations = c.encoder == "group" and c.rotation == "none"
         self.generator = SpatialGenerator(c.box, c.zdim, hidden=c.gen_hidden, n_layers=c.gen_layers,
                                           n_features=c.n_fourier, bandwidth=c.fourier_bandwidth, seed=c.seed)
         self._init_likelihood()
@@ -142,7 +144,7 @@ class TargetVAE(PoseVAE):
     def _register_cells(self) -> None:
         c = self.config
         size = self.encoder.output_size(c.box)
-        rotations = self.encoder.rotations
+        rotations = 1 if self.pool_rotations else self.encoder.rotations
         self.grid_size, self.rotations = size, rotations
         axis = torch.arange(size, dtype=torch.float32) + self.encoder.cell_offset(c.box)
         y, x = torch.meshgrid(axis, axis, indexing="ij")
@@ -172,7 +174,10 @@ class TargetVAE(PoseVAE):
             ``delta_mu, delta_logstd (B, K, 2)`` (pixels, cell frame) when
             enabled.
         """
-        out = self.encoder(images).flatten(2)  # (B, C, K)
+        out = self.encoder(images)  # (B, C, R, M, M)
+        if self.pool_rotations:
+            out = self._pool_rotations(out)
+        out = out.flatten(2)  # (B, C, K)
         batch = out.shape[0]
         post = {"log_q": torch.log_softmax(out[:, 0], dim=-1)}
         ch = 1
@@ -190,18 +195,34 @@ class TargetVAE(PoseVAE):
         assert post["log_q"].shape == (batch, self.cell_angle.shape[0])
         return post
 
+    def _pool_rotations(self, out: torch.Tensor) -> torch.Tensor:
+        """Average over rotation channels, first turning each channel's sub-pixel
+        offset (a vector in that channel's frame) into the common frame."""
+        if self.config.subpixel:
+            ch = out.shape[1] - 4
+            angles = torch.arange(out.shape[2], device=out.device, dtype=out.dtype) * (2 * math.pi / out.shape[2])
+            rot_t = rotation_matrix(angles).to(out).transpose(-1, -2)  # R(angle)^T, (R, 2, 2)
+            delta = torch.einsum("rij,bjrhw->birhw", rot_t, out[:, ch:ch + 2])
+            out = torch.cat([out[:, :ch], delta, out[:, ch + 2:]], dim=1)
+        return out.mean(dim=2, keepdim=True)
+
     def kl_divergence(self, post: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """KL terms per image, each ``(B,)``: ``kl_pose`` (over cells), ``kl_theta``,
         ``kl_z`` and ``kl_offset`` (expectations over q(t, r') of per-cell KLs)."""
         log_q = post["log_q"]
         q = log_q.exp()  # underflowed cells give q = 0 and finite log q: no NaN
-        terms = {"kl_pose": (q * (log_q - self.log_prior)).sum(-1)}
+
+        def expect(per_cell: torch.Tensor) -> torch.Tensor:
+            # cells with q = 0 contribute nothing, even if their KL overflowed to inf
+            return torch.where(q > 0, q * per_cell, torch.zeros_like(per_cell)).sum(-1)
+
+        terms = {"kl_pose": expect(log_q - self.log_prior)}
         if self.infers_offset:
-            terms["kl_theta"] = (q * _kl_normal(post["theta_mu"], post["theta_logstd"], self.theta_prior_std_per_cell)).sum(-1)
+            terms["kl_theta"] = expect(_kl_normal(post["theta_mu"], post["theta_logstd"], self.theta_prior_std_per_cell))
         if self.zdim > 0:
-            terms["kl_z"] = (q * _kl_normal(post["z_mu"], post["z_logstd"], 1.0).sum(-1)).sum(-1)
+            terms["kl_z"] = expect(_kl_normal(post["z_mu"], post["z_logstd"], 1.0).sum(-1))
         if self.config.subpixel:
-            terms["kl_offset"] = (q * _kl_normal(post["delta_mu"], post["delta_logstd"], SUBPIXEL_PRIOR_STD).sum(-1)).sum(-1)
+            terms["kl_offset"] = expect(_kl_normal(post["delta_mu"], post["delta_logstd"], SUBPIXEL_PRIOR_STD).sum(-1))
         return terms
 
     # -- pose of a chosen cell ---------------------------------------------
@@ -286,7 +307,7 @@ class TargetVAE(PoseVAE):
         else:
             z_mean = z_std = torch.zeros(log_q.shape[0], 0, device=log_q.device)
         q_rotation = log_q.exp().view(log_q.shape[0], self.rotations, -1).sum(-1)
-        entropy = -(q_rotation * torch.log(q_rotation.clamp_min(1e-30))).sum(-1)
+        entropy = (-(q_rotation * torch.log(q_rotation.clamp_min(1e-30))).sum(-1)).clamp_min(0.0)
         extra = {"pose_confidence": log_q.max(-1).values.exp(), "rotation_entropy": entropy}
         return Readout(theta=theta, t=t, z_mean=z_mean, z_std=z_std, extra=extra)
 

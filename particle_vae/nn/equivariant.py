@@ -42,22 +42,19 @@ class GroupConvEncoder(nn.Module):
         n_fields: hidden fields (paper: 128).
         kernel, padding: of the first convolution, pixels (paper MNIST: 28, 8).
         plain: use ordinary convolutions (``n_fields`` channels), no rotation channels.
-        pool_rotations: average the output over the rotation channels (group
-            convolutions without rotation inference).
     Shapes:
         input ``(B, 1, N, N)`` -> output ``(B, n_out, R, M, M)`` with
-        ``M = N + 2 padding - kernel + 1`` and ``R = 1`` when ``plain`` or
-        ``pool_rotations``, else ``group_order``.
+        ``M = N + 2 padding - kernel + 1`` and ``R = 1`` when ``plain``, else
+        ``group_order``.
     """
 
     def __init__(self, group_order: int, n_out: int, n_fields: int = 128, kernel: int = 28, padding: int = 8,
-                 plain: bool = False, pool_rotations: bool = False):
+                 plain: bool = False):
         super().__init__()
         self.group_order = int(group_order)
         self.n_out = int(n_out)
         self.kernel, self.padding = int(kernel), int(padding)
         self.plain = plain or self.group_order == 1
-        self.pool_rotations = pool_rotations and not self.plain
         if self.plain:
             self.layers = nn.ModuleList([
                 nn.Conv2d(1, n_fields, kernel, padding=padding),
@@ -83,7 +80,7 @@ class GroupConvEncoder(nn.Module):
     @property
     def rotations(self) -> int:
         """Number of rotation channels ``R`` in the output."""
-        return 1 if (self.plain or self.pool_rotations) else self.group_order
+        return 1 if self.plain else self.group_order
 
     def output_size(self, box: int) -> int:
         """Spatial size ``M`` of the output grid for an input of ``box`` pixels."""
@@ -113,7 +110,4 @@ class GroupConvEncoder(nn.Module):
                 x = enn.GeometricTensor(F.leaky_relu(x.tensor, LEAK), x.type)
         out = x.tensor
         batch, _, height, width = out.shape
-        out = out.view(batch, self.n_out, self.group_order, height, width)
-        if self.pool_rotations:
-            out = out.mean(dim=2, keepdim=True)
-        return out
+        return out.view(batch, self.n_out, self.group_order, height, width)
