@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -172,8 +172,8 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         count = 0
         self.model.train(train)
-        bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None)
-        for batch in bar:
+        bar = tqdm(total=len(loader.dataset), desc=desc, leave=False, unit="img", disable=None)
+        for batch in loader:
             if train:
                 terms, n = self._batch_loss(batch)
                 if not torch.isfinite(terms.loss):
@@ -188,8 +188,10 @@ class Trainer:
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value.float() * n
             count += n
-            if train and bar.disable is False:
+            bar.update(n)
+            if train and not bar.disable:
                 bar.set_postfix(elbo=f"{float(terms.elbo):.2f}")
+        bar.close()
         return {key: float(value) / max(count, 1) for key, value in totals.items()}
 
     def _validate(self, epoch: int) -> dict[str, float]:
@@ -236,6 +238,3 @@ class Trainer:
                 break
         return rows
 
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)
