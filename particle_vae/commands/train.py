@@ -31,7 +31,7 @@ MODEL_OPTIONS = {
     "encoder": "encoder", "rotation": "rotation", "translation_prior_std": "translation_prior_std",
     "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
     "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
-    "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius",
+    "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius", "beta": "beta",
 }
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
@@ -47,8 +47,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
-    model = parser.add_argument_group("model (TARGET-VAE)")
-    model.add_argument("--model", default="target-vae", choices=["target-vae"])
+    from particle_vae.models import MODELS
+
+    model = parser.add_argument_group("model (options a model does not have are ignored)")
+    model.add_argument("--model", default="target-vae", choices=sorted(MODELS), help="default target-vae")
+    model.add_argument("--beta", type=float, help="KL weight of the (beta-)VAE baseline (beta-VAE: 4)")
     model.add_argument("--group", type=int, help="rotation group order r of P_r (4, 8, 16; default 8)")
     model.add_argument("--zdim", type=int, help="semantic latent dimensions (default 2)")
     model.add_argument("--fields", type=int, help="encoder hidden fields (paper: 128)")
@@ -130,8 +133,13 @@ def _fit_box(spec: dict) -> None:
 
 
 def _model_settings(args, preset: dict, box: int) -> dict:
-    from particle_vae.models.target_vae import TargetVAEConfig
+    """The chosen model's config fields from preset, benchmark defaults and options.
 
+    A model config class may define ``CLI_ALIASES`` (field -> common field name,
+    e.g. the VAE's ``hidden`` takes ``gen_hidden``)."""
+    from particle_vae.models import MODELS
+
+    config_class = MODELS[args.model].config_class
     settings = {k: v for k, v in preset.get("model", {}).items()}
     if args.dataset:
         prior, std = BENCHMARK_THETA_PRIOR[args.dataset]
@@ -152,7 +160,10 @@ def _model_settings(args, preset: dict, box: int) -> dict:
     settings["kernel"] = resolve_kernel(settings.get("kernel"), box)
     settings["box"] = box
     settings["seed"] = args.seed if args.seed is not None else 0
-    known = {f.name for f in fields(TargetVAEConfig)}
+    for field_name, common in getattr(config_class, "CLI_ALIASES", {}).items():
+        if common in settings:
+            settings[field_name] = settings[common]
+    known = {f.name for f in fields(config_class)}
     return {k: v for k, v in settings.items() if k in known}
 
 

@@ -92,10 +92,13 @@ def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256,
     return InferenceResult(extra={k: np.concatenate(v) for k, v in extras.items()}, **joined)
 
 
-def result_columns(result: InferenceResult, pixel_size: float) -> dict[str, np.ndarray]:
-    """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel."""
-    psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, pixel_size)
-    columns = {"rlnAnglePsi": np.round(psi, 6), "rlnOriginXAngst": np.round(origin_x, 6), "rlnOriginYAngst": np.round(origin_y, 6)}
+def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True) -> dict[str, np.ndarray]:
+    """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel.
+    ``pose=False`` (models without a pose) leaves the pose columns out."""
+    columns = {}
+    if pose:
+        psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, pixel_size)
+        columns = {"rlnAnglePsi": np.round(psi, 6), "rlnOriginXAngst": np.round(origin_x, 6), "rlnOriginYAngst": np.round(origin_y, 6)}
     for i in range(result.z_mean.shape[1]):
         columns[f"pvaeZ{i + 1}"] = np.round(result.z_mean[:, i].astype(np.float64), 7)
     for i in range(result.z_std.shape[1]):
@@ -178,7 +181,7 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     for line in prepared.steps:
         log.info("data: %s", line)
     result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers)
-    columns = result_columns(result, model_apix)
+    columns = result_columns(result, model_apix, pose=model.has_pose)
     star = output_star(prepared, columns, out_path)
     star.write(out_path, overwrite=True)
     with atomic_path(npz_path) as tmp:

@@ -64,6 +64,8 @@ class PoseVAE(nn.Module):
 
     name: str = ""
     config_class: type = object
+    #: False for models without a pose (their readout pose is zero and is not written)
+    has_pose: bool = True
 
     def __init__(self, config):
         super().__init__()

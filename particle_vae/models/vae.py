@@ -30,6 +30,8 @@ class VAEConfig:
             std or ``None`` to learn it.
     """
 
+    CLI_ALIASES = {"hidden": "gen_hidden", "layers": "gen_layers"}
+
     box: int
     zdim: int = 2
     hidden: int = 512
@@ -62,6 +64,7 @@ class VAE(PoseVAE):
 
     name = "vae"
     config_class = VAEConfig
+    has_pose = False
 
     def __init__(self, config: VAEConfig):
         config.validate()
