@@ -73,3 +73,8 @@ def test_mnist_benchmark_script_runs_at_toy_size(tmp_path, data_root):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["target-vae"]["scores"]["n"] == 40
     assert "| target-vae |" in (tmp_path / "results.md").read_text()
+
+
+def test_throughput_script_runs_at_toy_size():
+    rows = load_script("throughput").main(["--configs", "particle-32", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    assert rows[0]["train_images_per_s"] > 0 and rows[0]["infer_particles_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0
