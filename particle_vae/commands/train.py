@@ -32,6 +32,7 @@ MODEL_OPTIONS = {
     "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
     "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
     "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius", "beta": "beta",
+    "enc_hidden": "enc_hidden", "enc_layers": "enc_layers", "enc_channels": "enc_channels",
 }
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
@@ -57,7 +58,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--fields", type=int, help="encoder hidden fields (paper: 128)")
     model.add_argument("--kernel", type=int, help="encoder kernel, pixels (paper MNIST: 28)")
     model.add_argument("--padding", type=int, help="encoder padding, pixels (paper MNIST: 8)")
-    model.add_argument("--encoder", choices=["group", "plain"], help="ablation: plain = translation-only inference with ordinary convolutions")
+    model.add_argument("--encoder", choices=["group", "plain", "mlp", "conv"],
+                       help="TARGET-VAE: group (default) or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp (default) or conv")
+    model.add_argument("--enc-hidden", type=int, help="spatial-VAE: inference MLP width")
+    model.add_argument("--enc-layers", type=int, help="spatial-VAE: inference MLP layers")
+    model.add_argument("--enc-channels", type=int, help="spatial-VAE: first conv layer channels (conv encoder)")
     model.add_argument("--rotation", choices=["full", "discrete", "none"], help="ablation: discrete = no theta offsets; none = no rotation inference")
     model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None, help="no continuous translation offset inside a cell")
     model.add_argument("--translation-prior-std", type=float, help="std of p(t) around the centre, pixels")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.spatial_vae import SpatialVAE, SpatialVAEConfig
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
 from particle_vae.models.vae import VAE, VAEConfig
 
 #: model name -> class
-MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE}
+MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, SpatialVAE.name: SpatialVAE}
 
 
 def build_model(config: dict) -> PoseVAE:
@@ -20,4 +21,5 @@ def build_model(config: dict) -> PoseVAE:
     return cls(cls.config_class(**settings))
 
 
-__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig"]
+__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig",
+           "SpatialVAE", "SpatialVAEConfig"]
