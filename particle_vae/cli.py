@@ -19,6 +19,8 @@ COMMANDS = {
     "info": ("info", "summarise a STAR file or MRC stack"),
     "train": ("train", "train a model (TARGET-VAE) on particles or a paper benchmark; writes a run directory"),
     "infer": ("infer", "write per-particle poses and latents of a trained run to a STAR file"),
+    "analyze": ("analyze", "cluster inferred latents; class averages, plots and a clustered STAR"),
+    "select": ("select", "write a subset of a STAR by class number or a box in latent space"),
 }
 
 log = logging.getLogger("particle_vae")

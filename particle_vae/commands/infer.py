@@ -2,7 +2,7 @@
 
 The STAR keeps every input column and the optics block (a RELION 3.0 input is
 upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
-the pvae* latent and confidence columns (see docs/inference.md). A .npz with
+the pvae* latent and confidence columns (see docs/training.md). A .npz with
 the same numbers is written beside it. Example:
 
   particle-vae infer run1 --out run1/particles_pose.star

@@ -1,0 +1,279 @@
+"""`particle-vae analyze`: clustering, aligned class averages, plots, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from particle_vae import cli
+from particle_vae.analysis import clustering
+from particle_vae.analysis.averages import traversal_values
+from particle_vae.conventions import apply_relion_pose, pixel_grid
+from particle_vae.io.mrc import MRCStack, write_stack
+from particle_vae.io.star import ParticleStar, image_name, make_particle_star
+
+TINY = ["--preset", "tiny", "--fields", "4", "--gen-hidden", "32", "--fourier-features", "16", "--group", "4",
+        "--downsample-to", "24", "--batch-size", "16", "--seed", "3"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    """A three-class simulated mixture (96 particles, 32 px), a tiny model trained
+    for one epoch on it, and the STAR its inference wrote."""
+    root = tmp_path_factory.mktemp("mixture")
+    assert cli.main(["-q", "simulate", "--preset", "mixture", "--n", "96", "--box", "32", "--pixel-size", "8", "--snr", "1",
+                     "--data-dir", str(data_root), "--out", str(root / "sim"), "--no-progress"]) == 0
+    run = root / "run"
+    assert cli.main(["-q", "train", str(root / "sim" / "particles.star"), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    star = root / "inferred" / "particles_vae.star"
+    assert cli.main(["-q", "infer", str(run), "--out", str(star)]) == 0
+    return run, star
+
+
+def test_analyze_with_a_run_writes_every_output(trained, tmp_path):
+    run, star = trained
+    out = tmp_path / "analysis"
+    assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--method", "gmm", "--k", "3", "--gallery", "4",
+                     "--traversal-steps", "5", "--out", str(out)]) == 0
+    source = ParticleStar(star)
+    clustered = ParticleStar(out / "clustered_particles.star")
+    # every input row and column, the optics block, and 1-based classes
+    assert len(clustered) == len(source) == 96
+    for column in source.particles.columns:
+        if column != "rlnImageName":
+            pd.testing.assert_series_equal(clustered.particles[column], source.particles[column], check_names=False)
+    assert clustered.optics.equals(source.optics)
+    classes = clustered.particles["rlnClassNumber"].to_numpy()
+    assert classes.dtype.kind == "i" and classes.min() >= 1 and classes.max() <= 3
+    assert clustered.image_locations().stack_paths[0].resolve() == source.image_locations().stack_paths[0].resolve()
+
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["method"] == "gmm" and record["k"] == 3 and record["k_selection"] == "given"
+    assert list(record["scores"]) == ["3"] and record["criterion"] == "bic"
+    counts = [c["count"] for c in record["classes"]]
+    assert sum(counts) == 96 and counts == sorted(counts, reverse=True)
+    assert counts == [int((classes == j).sum()) for j in (1, 2, 3)]
+
+    model_box = json.loads((run / "config.json").read_text())["model"]["box"]
+    averages = MRCStack(out / "class_averages.mrcs")
+    assert (averages.n_images, averages.box) == (3, model_box)
+    assert np.isfinite(averages.read(0, 3)).all()
+    class_star = ParticleStar(out / "class_averages.star")
+    assert class_star.particles["rlnImageName"].tolist() == [image_name(j, "class_averages.mrcs") for j in range(3)]
+    assert class_star.particles["rlnClassNumber"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(class_star.particles["rlnClassDistribution"], np.array(counts) / 96, atol=1e-6)
+    assert class_star.pixel_size() == pytest.approx(record["averages"]["pixel_size"])
+    assert record["averages"]["aligned"] is True and record["averages"]["box"] == model_box
+    assert class_star.image_locations().stack_paths[0].name == "class_averages.mrcs"
+    centres = MRCStack(out / "cluster_centres.mrcs")
+    assert (centres.n_images, centres.box) == (3, model_box)
+
+    scatter = pd.read_csv(out / "latent_scatter.csv")
+    assert len(scatter) == 96 and (scatter["rlnClassNumber"].to_numpy() == classes).all()
+    traversal = np.load(out / "latent_traversal.npz")
+    assert traversal["images"].shape == (5, 5, model_box, model_box) and traversal["z"].shape == (5, 5, 2)
+    gallery = np.load(out / "gallery.npz")
+    assert gallery["gallery"].shape == (3, 4, model_box, model_box) and gallery["averages"].shape == (3, model_box, model_box)
+    assert len(pd.read_csv(out / "training_curves.csv")) == 1
+    poses = pd.read_csv(out / "pose_histograms.csv")
+    assert poses.groupby("quantity")["count"].sum().eq(96).all()
+    for name in ("class_averages", "latent_scatter", "latent_traversal", "pose_histograms", "training_curves", "gallery"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name
+    assert set(record["outputs"].values()) == {p.name for p in out.iterdir()}
+
+    # select the largest class from the result, ready for RELION
+    subset = tmp_path / "class1.star"
+    assert cli.main(["-q", "select", str(out / "clustered_particles.star"), "--classes", "1", "--out", str(subset)]) == 0
+    chosen = ParticleStar(subset)
+    assert len(chosen) == counts[0] and list(chosen.particles.columns) == list(clustered.particles.columns)
+    assert chosen.optics.equals(clustered.optics) and (chosen.particles["rlnClassNumber"] == 1).all()
+
+
+def test_analyze_a_run_directory_with_k_auto_and_tsne(trained, tmp_path):
+    run, star = trained
+    out = tmp_path / "auto"
+    assert cli.main(["-q", "analyze", str(run), "--star", str(star), "--method", "ward", "--k", "auto", "--k-range", "2", "5",
+                     "--tsne", "--no-images", "--out", str(out)]) == 0
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["k_selection"] == "auto" and record["criterion"] == "silhouette"
+    assert list(record["scores"]) == ["2", "3", "4", "5"]
+    assert record["scores"][str(record["k"])] == max(record["scores"].values())
+    assert len(pd.read_csv(out / "latent_tsne.csv")) == 96
+    assert not (out / "class_averages.mrcs").exists() and record["averages"] is None
+    assert MRCStack(out / "cluster_centres.mrcs").n_images == record["k"]
+
+
+# --------------------------------------------------------------------------- aligned averages, by hand
+
+
+BOX, APIX = 32, 2.0
+
+
+def _template(centres, sigma: float = 1.8) -> torch.Tensor:
+    grid = pixel_grid(BOX, dtype=torch.float64)
+    image = torch.zeros(BOX, BOX, dtype=torch.float64)
+    for cx, cy in centres:
+        image += torch.exp(-((grid[..., 0] - cx) ** 2 + (grid[..., 1] - cy) ** 2) / (2 * sigma ** 2))
+    return image
+
+
+def test_class_averages_undo_known_relion_poses(tmp_path):
+    """Particles made from two templates with known RELION poses, and latents
+    that separate the two groups: each class average is its template."""
+    templates = [_template([(-6, 0), (0, 0), (6, 0), (6, 6)]), _template([(0, 7), (-6, -4), (6, -4)])]
+    rng = np.random.default_rng(1)
+    n = 48
+    group = rng.permutation(np.repeat([0, 1], n // 2))
+    psi = rng.uniform(-180, 180, n)
+    origin = rng.uniform(-3, 3, (n, 2)) * APIX
+    references = torch.stack([templates[g] for g in group])
+    particles = apply_relion_pose(references, psi, origin, APIX, mode="bicubic").numpy()
+    stack = write_stack(tmp_path / "particles.mrcs", particles, APIX)
+    z = np.where(group[:, None] == 0, [-3.0, 0.0], [3.0, 0.5]) + rng.normal(0, 0.1, (n, 2))
+    columns = {"rlnAnglePsi": psi, "rlnOriginXAngst": origin[:, 0], "rlnOriginYAngst": origin[:, 1],
+               "pvaeZ1": z[:, 0], "pvaeZ2": z[:, 1], "pvaeZStd1": np.full(n, 0.1), "pvaeZStd2": np.full(n, 0.1)}
+    star = make_particle_star([image_name(i, stack.name) for i in range(n)], APIX, BOX, columns=columns)
+    star_path = star.write(tmp_path / "posed.star")
+
+    out = tmp_path / "analysis"
+    assert cli.main(["-q", "analyze", str(star_path), "--k", "2", "--normalize", "none", "--out", str(out)]) == 0
+    classes = ParticleStar(out / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    averages = MRCStack(out / "class_averages.mrcs").read(0, 2)
+    assert averages.shape == (2, BOX, BOX)
+    for number in (1, 2):
+        members = group[classes == number]
+        assert len(set(members)) == 1, "the latents separate the groups exactly"
+        template = templates[members[0]].numpy()
+        error = np.linalg.norm(averages[number - 1] - template) / np.linalg.norm(template)
+        assert error < 0.06, (number, error)
+    # undoing the opposite rotation does not give the template: the check has teeth
+    from particle_vae.conventions import undo_relion_pose
+
+    wrong = undo_relion_pose(torch.as_tensor(particles[group == 0], dtype=torch.float64), -psi[group == 0],
+                             origin[group == 0], APIX, mode="bicubic").mean(0).numpy()
+    assert np.linalg.norm(wrong - templates[0].numpy()) / np.linalg.norm(templates[0].numpy()) > 0.3
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["averages"]["aligned"] and record["averages"]["images"] == "raw particles, normalize=none"
+    assert "cluster_centres" not in " ".join(record["outputs"].values())
+
+
+# --------------------------------------------------------------------------- clustering units
+
+
+def _blobs(seed: int = 0, per: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [6.0, 0.0], [3.0, 5.0]])
+    labels = np.repeat(np.arange(3), per)
+    return centres[labels] + rng.normal(0, 0.4, (3 * per, 2)), labels
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm", "ward"])
+def test_k_auto_picks_three_well_separated_blobs(method):
+    z, truth = _blobs()
+    selection = clustering.suggest_k(z, method, (1 if method == "gmm" else 2, 6))
+    assert selection.k == 3, selection.scores
+    result = clustering.fit_clusters(z, 3, method)
+    from particle_vae.analysis.metrics import clustering_accuracy
+
+    assert clustering_accuracy(truth, result.labels) == 1.0
+    assert result.counts.tolist() == [40, 40, 40] and result.centres.shape == (3, 2)
+
+
+def test_clusters_are_numbered_by_size():
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(0, 0.2, (10, 2)), rng.normal(5, 0.2, (30, 2)), rng.normal(-5, 0.2, (20, 2))])
+    result = clustering.fit_clusters(z, 3, "kmeans")
+    assert result.counts.tolist() == [30, 20, 10]
+    np.testing.assert_allclose(result.centres[0], [5, 5], atol=0.2)
+    assert (result.labels[10:40] == 0).all()
+
+
+def test_latent_columns_and_traversal_grid():
+    frame = pd.DataFrame({"pvaeZ10": [0.0], "pvaeZ2": [0.0], "pvaeZStd1": [0.0], "pvaeZ1": [0.0], "rlnAnglePsi": [0.0]})
+    assert clustering.latent_columns(frame) == ["pvaeZ1", "pvaeZ2", "pvaeZ10"]
+    z = np.random.default_rng(0).normal(size=(200, 3))
+    grid, axes = traversal_values(z, (0, 2), steps=4)
+    assert grid.shape == (4, 4, 3) and axes.shape == (2, 4)
+    np.testing.assert_allclose(grid[:, 0, 0], axes[0])
+    np.testing.assert_allclose(grid[0, :, 2], axes[1])
+    np.testing.assert_allclose(grid[..., 1], np.median(z[:, 1]))
+
+
+def test_k_auto_through_the_cli_on_blobs_without_images(tmp_path, capsys):
+    z, _ = _blobs(per=20)
+    star = make_particle_star([image_name(i, "absent.mrcs") for i in range(len(z))], 1.0, 16,
+                              columns={"pvaeZ1": z[:, 0], "pvaeZ2": z[:, 1]})
+    path = star.write(tmp_path / "blobs.star")
+    assert cli.main(["-q", "analyze", str(path), "--method", "gmm", "--no-images", "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert record["k"] == 3 and list(record["scores"]) == [str(k) for k in range(1, 11)]
+    assert [c["count"] for c in record["classes"]] == [20, 20, 20]
+    # no pose columns: no pose histograms; the stacks are absent, so the names are kept (with a warning)
+    assert not (tmp_path / "a" / "pose_histograms.png").exists()
+    assert "rlnImageName kept" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _latent_star(tmp_path, n: int = 5, latent: bool = True):
+    columns = {"pvaeZ1": np.arange(n, dtype=float), "pvaeZ2": np.zeros(n)} if latent else {"rlnDefocusU": np.full(n, 1e4)}
+    star = make_particle_star([image_name(i, "absent.mrcs") for i in range(n)], 1.0, 16, columns=columns)
+    return star.write(tmp_path / ("latents.star" if latent else "plain.star"))
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (lambda tmp: [str(_latent_star(tmp, latent=False))], "plain.star: has no pvaeZ latent columns"),
+        (lambda tmp: [str(_latent_star(tmp)), "--k", "6"], "--k 6 is larger than the number of particles (5)"),
+        (lambda tmp: [str(_latent_star(tmp)), "--k", "0"], "below 1"),
+        (lambda tmp: [str(tmp / "missing.star")], "missing.star: not found"),
+        (lambda tmp: [str(tmp)], "pass --star"),
+        (lambda tmp: [str(_latent_star(tmp)), "--run", str(tmp / "norun")], "norun: is not a run directory"),
+        (lambda tmp: [str(_latent_star(tmp)), "--method", "kmeans", "--k-range", "2", "9"], "silhouette can score k from 2 to 4"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, args, expected):
+    argv = args(tmp_path)
+    assert cli.main(["-q", "analyze", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = one_line_error(capsys)
+    assert expected in err, err
+
+
+def test_analyze_never_overwrites_its_input(tmp_path, capsys):
+    star = _latent_star(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["-q", "analyze", str(star), "--k", "2", "--no-images", "--out", str(out)]) == 0
+    capsys.readouterr()
+    clustered = out / "clustered_particles.star"
+    before = clustered.read_bytes()
+    assert cli.main(["-q", "analyze", str(clustered), "--k", "3", "--no-images", "--overwrite", "--out", str(out)]) == 2
+    assert "is an input of this command" in one_line_error(capsys)
+    assert clustered.read_bytes() == before
+
+
+def test_analyze_refuses_to_overwrite_and_checks_the_run(trained, tmp_path, capsys):
+    run, star = trained
+    out = tmp_path / "a"
+    assert cli.main(["-q", "analyze", str(star), "--k", "2", "--no-images", "--out", str(out)]) == 0
+    before = (out / "analysis.json").read_bytes()
+    assert cli.main(["-q", "analyze", str(star), "--k", "2", "--no-images", "--out", str(out)]) == 2
+    assert "already exists" in one_line_error(capsys) and (out / "analysis.json").read_bytes() == before
+    # a STAR whose latent size does not match the run
+    three = ParticleStar(star).with_columns({"pvaeZ3": np.zeros(96)}).write(tmp_path / "three.star")
+    assert cli.main(["-q", "analyze", str(three), "--run", str(run), "--k", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "3 latent columns but the run" in one_line_error(capsys)
+    assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--traverse", "3", "--out", str(tmp_path / "c")]) == 2
+    assert "--traverse takes one or two different latent dimensions between 1 and 2" in one_line_error(capsys)
