@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.mce_vae import MCEVAE, MCEVAEConfig
 from particle_vae.models.spatial_vae import SpatialVAE, SpatialVAEConfig
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
 from particle_vae.models.vae import VAE, VAEConfig
 
 #: model name -> class
-MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, SpatialVAE.name: SpatialVAE}
+MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, SpatialVAE.name: SpatialVAE,
+                                 MCEVAE.name: MCEVAE}
 
 
 def build_model(config: dict) -> PoseVAE:
@@ -22,4 +24,4 @@ def build_model(config: dict) -> PoseVAE:
 
 
 __all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig",
-           "SpatialVAE", "SpatialVAEConfig"]
+           "SpatialVAE", "SpatialVAEConfig", "MCEVAE", "MCEVAEConfig"]
