@@ -39,3 +39,15 @@ def mnist_dir(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def structures_dir(data_root: Path) -> Path:
     return data_root / "structures"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny models on one torch thread: they gain nothing from
+    intra-op threads, and oversubscription on a busy 2-core machine slows them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ from particle_vae.nn.generator import RandomFourierFeatures, SpatialGenerator
 BOX = 33
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_generator(box: int = BOX, zdim: int = 3, seed: int = 0, **kwargs) -> SpatialGenerator:

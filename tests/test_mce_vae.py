@@ -31,13 +31,7 @@ SMALL = {"box": BOX, "zdim": 2, "n_clusters": 3, "cluster_dim": 2, "aug_dim": 32
          "dec_hidden": 32, "invariance_translation": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> MCEVAE:

@@ -28,13 +28,7 @@ BOX = 16
 SMALL = {"box": BOX, "zdim": 2, "enc_hidden": 32, "enc_channels": 4, "gen_hidden": 32, "n_fourier": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> SpatialVAE:

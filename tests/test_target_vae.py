@@ -23,14 +23,7 @@ BOX = 33
 SMALL = {"box": BOX, "zdim": 2, "group_order": 8, "n_fields": 4, "kernel": 21, "padding": 4, "gen_hidden": 32, "n_fourier": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy
-    2-core machine make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> TargetVAE:

@@ -214,7 +214,10 @@ def main(args: argparse.Namespace) -> int:
     if "rlnClassNumber" in star.particles.columns:
         log.info("replacing the existing rlnClassNumber column")
     new_columns["rlnClassNumber"] = (labels + 1).astype(np.int64)
-    new_columns = {**_relocated_names(star_path, prepared, args.datadir, paths["star"].parent), **new_columns}
+    from particle_vae.engine.inference import relocated_names_for_star
+
+    source = prepared.source if prepared is not None else None
+    new_columns = {**relocated_names_for_star(star_path, paths["star"].parent, args.datadir, source), **new_columns}
     star.with_columns(new_columns).write(paths["star"], overwrite=True)
     log.info("wrote %s (%d particles, rlnClassNumber 1..%d)", paths["star"], n, k)
 
@@ -335,19 +338,3 @@ def _optics_values(star) -> dict:
         if values is not None and len(values):
             out[key] = float(values.iloc[0])
     return out
-
-
-def _relocated_names(star_path: Path, prepared, datadir, out_dir: Path) -> dict:
-    """``rlnImageName`` rewritten so the stacks resolve from ``out_dir`` (``{}`` if unchanged or unknown)."""
-    from particle_vae.data.particles import open_source
-    from particle_vae.engine.inference import relocated_image_names
-    from particle_vae.errors import ParticleVAEError
-
-    source = prepared.source if prepared is not None else None
-    if source is None:
-        try:
-            source = open_source(star_path, datadir=datadir)
-        except ParticleVAEError as error:
-            log.warning("rlnImageName kept as it is (stacks not checked: %s)", error)
-            return {}
-    return relocated_image_names(source, out_dir)

@@ -74,7 +74,9 @@ def main(args: argparse.Namespace) -> int:
         keep &= inside
     if not keep.any():
         raise ParticleVAEError(f"{args.star}: no particle matches the selection; widen --box or choose other --classes")
-    names = _relocated_names(star, args.star, args.datadir, out.parent)
+    from particle_vae.engine.inference import relocated_names_for_star
+
+    names = relocated_names_for_star(args.star, out.parent, args.datadir)
     if names:
         star = star.with_columns(names)
     subset = star.subset(keep)
@@ -82,17 +84,3 @@ def main(args: argparse.Namespace) -> int:
     log.info("wrote %s (%d of %d particles, %d columns%s)", out, int(keep.sum()), len(particles), len(particles.columns),
              ", optics kept" if subset.optics is not None else "")
     return 0
-
-
-def _relocated_names(star, star_path: Path, datadir, out_dir: Path) -> dict:
-    """``rlnImageName`` rewritten so the stacks resolve from ``out_dir`` (``{}`` if unchanged or unknown)."""
-    from particle_vae.data.particles import open_source
-    from particle_vae.engine.inference import relocated_image_names
-    from particle_vae.errors import ParticleVAEError
-
-    try:
-        source = open_source(star_path, datadir=datadir)
-    except ParticleVAEError as error:
-        log.warning("rlnImageName kept as it is (stacks not checked: %s)", error)
-        return {}
-    return relocated_image_names(source, out_dir)

@@ -33,6 +33,8 @@ MODEL_OPTIONS = {
     "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
     "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius", "beta": "beta",
     "enc_hidden": "enc_hidden", "enc_layers": "enc_layers", "enc_channels": "enc_channels",
+    "clusters": "n_clusters", "cluster_dim": "cluster_dim", "lie_group": "group", "invariance_weight": "invariance_weight",
+    "invariance_translation": "invariance_translation",
 }
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
@@ -62,7 +64,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="TARGET-VAE: group (default) or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp (default) or conv")
     model.add_argument("--enc-hidden", type=int, help="spatial-VAE: inference MLP width")
     model.add_argument("--enc-layers", type=int, help="spatial-VAE: inference MLP layers")
-    model.add_argument("--enc-channels", type=int, help="spatial-VAE: first conv layer channels (conv encoder)")
+    model.add_argument("--enc-channels", type=int, help="spatial-VAE / MCE-VAE: first conv layer channels")
+    model.add_argument("--clusters", type=int, help="MCE-VAE: mixture components of the cluster latent (default 10)")
+    model.add_argument("--cluster-dim", type=int, help="MCE-VAE: cluster latent dimensions (default 5)")
+    model.add_argument("--lie-group", choices=["so2", "se2"], help="MCE-VAE: transformation group (default se2)")
+    model.add_argument("--invariance-weight", type=float, help="MCE-VAE: weight of the invariance term (default 1)")
+    model.add_argument("--invariance-translation", type=float, help="MCE-VAE: largest shift of the sampled group elements, pixels")
     model.add_argument("--rotation", choices=["full", "discrete", "none"], help="ablation: discrete = no theta offsets; none = no rotation inference")
     model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None, help="no continuous translation offset inside a cell")
     model.add_argument("--translation-prior-std", type=float, help="std of p(t) around the centre, pixels")

@@ -145,6 +145,20 @@ def relocated_image_names(source, new_dir: Path) -> dict[str, np.ndarray]:
     return {"rlnImageName": out} if changed else {}
 
 
+def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | None = None, source=None) -> dict[str, np.ndarray]:
+    """:func:`relocated_image_names` for a STAR file, opening it when ``source``
+    is not given; when its stacks cannot be found the names are kept (with a warning)."""
+    from particle_vae.data.particles import open_source
+
+    if source is None:
+        try:
+            source = open_source(star_path, datadir=datadir)
+        except ParticleVAEError as error:
+            log.warning("rlnImageName kept as it is (stacks not checked: %s)", error)
+            return {}
+    return relocated_image_names(source, out_dir)
+
+
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False) -> tuple[Path, Path]:
