@@ -118,6 +118,11 @@ def test_train_infer_star_round_trip(simulated, tmp_path):
     assert locations.stack_paths[0].resolve() == (simulated.parent / "particles.mrcs").resolve()
     npz = np.load(out.with_suffix(".npz"))
     np.testing.assert_allclose(npz["rlnAnglePsi"], ours.particles["rlnAnglePsi"])
+    from particle_vae.commands.info import summarize
+
+    summary = summarize(out, sample=0)
+    assert summary["latent_columns"] == ["pvaeZ1", "pvaeZ2", "pvaeZStd1", "pvaeZStd2"]
+    assert summary["pose_columns"] == ["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
     assert npz["z_mean"].shape == (len(source), 2)
 
 

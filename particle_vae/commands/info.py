@@ -52,7 +52,7 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
         columns = list(star.particles.columns)
         summary["columns"] = columns
         summary["pose_columns"] = [c for c in POSE_COLUMNS if c in columns]
-        summary["latent_columns"] = [c for c in columns if c.startswith("pvaeLatent")]
+        summary["latent_columns"] = [c for c in columns if c.startswith("pvaeZ")]
         summary["truth_columns"] = [c for c in columns if c.startswith("pvaeTrue")]
         try:
             ctf = star.ctf_parameters()
