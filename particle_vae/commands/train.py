@@ -94,6 +94,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
     data.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
     data.add_argument("--n", type=int, help="benchmarks: use the first N training images")
+    data.add_argument("--label-column", help="semi-supervised models (equivae): STAR column with class labels, e.g. rlnClassNumber; empty = unlabelled")
+    data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images")
     data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files")
     data.add_argument("--data-dir", type=Path, help="reference-data folder (holds mnist/); or set PARTICLE_VAE_DATA")
 
@@ -118,7 +120,7 @@ def _data_spec(args, preset: dict) -> dict:
             raise ParticleVAEError("give either particles or --dataset, not both")
         mnist_dir = resolve_mnist_dir(args.mnist_dir, args.data_dir)
         return {"kind": "benchmark", "benchmark": args.dataset, "mnist_dir": str(mnist_dir.resolve()), "split": "train",
-                "n": args.n, "seed": 0}
+                "n": args.n, "seed": 0, "labels": args.labels}
     if args.input is None:
         raise ParticleVAEError("no input: give a particle STAR/stack/list, or --dataset for a benchmark")
     prep = dict(preset.get("preprocessing", {}))
@@ -128,7 +130,7 @@ def _data_spec(args, preset: dict) -> dict:
             prep[name] = value
     return {"kind": "particles", "path": str(args.input.resolve()),
             "datadir": None if args.datadir is None else str(args.datadir.resolve()),
-            "pixel_size": args.pixel_size, "preprocessing": prep}
+            "pixel_size": args.pixel_size, "preprocessing": prep, "label_column": args.label_column}
 
 
 def _fit_box(spec: dict) -> None:
@@ -144,7 +146,7 @@ def _fit_box(spec: dict) -> None:
         prep.pop("target_box")
 
 
-def _model_settings(args, preset: dict, box: int) -> dict:
+def _model_settings(args, preset: dict, box: int, class_values: list | None = None) -> dict:
     """The chosen model's config fields from preset, benchmark defaults and options.
 
     A model config class may define ``CLI_ALIASES`` (field -> common field name,
@@ -171,6 +173,8 @@ def _model_settings(args, preset: dict, box: int) -> dict:
         settings.setdefault("rotation", "none")
     settings["kernel"] = resolve_kernel(settings.get("kernel"), box)
     settings["box"] = box
+    if class_values is not None:
+        settings["n_classes"] = len(class_values)
     settings["seed"] = args.seed if args.seed is not None else 0
     for field_name, common in getattr(config_class, "CLI_ALIASES", {}).items():
         if common in settings:
@@ -221,10 +225,11 @@ def _train(args, run: RunDirectory, preset: dict, config: dict) -> int:
     seed_everything(settings.seed)
     if not args.resume:
         try:
-            model = build_model({"model": args.model, **_model_settings(args, preset, prepared.box)})
+            model = build_model({"model": args.model, **_model_settings(args, preset, prepared.box, prepared.class_values)})
         except ValueError as error:
             raise ParticleVAEError(f"invalid model settings: {error}") from None
-        config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box)
+        config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box,
+                      class_values=prepared.class_values)
         run.write_config(config)
     else:
         model = build_model(config["model"])

@@ -38,3 +38,40 @@ class ArrayDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return {"images": self.images[index][:, None], "index": index}
+
+
+class LabelledDataset(Dataset):
+    """Adds class labels to another dataset's batches.
+
+    Args:
+        dataset: yields ``{"images", "index"}`` (per item or via ``__getitems__``).
+        labels: ``(N,)`` int64 class ids ``0..C-1``, ``-1`` for unlabelled items.
+    Batches gain ``"labels"``: ``()`` per item, ``(B,)`` per batch.
+    """
+
+    def __init__(self, dataset: Dataset, labels: np.ndarray):
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(dataset):
+            raise ValueError(f"{len(labels)} labels for {len(dataset)} items")
+        self.dataset = dataset
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # box, storage_order, source, ... of the wrapped dataset
+        if name in ("dataset", "labels"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[i])
+        item["labels"] = self.labels[int(i)]
+        return item
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = self.dataset.__getitems__(indices)
+        if isinstance(batch, dict) and "index" in batch:  # a WorkerError passes through unchanged
+            batch = dict(batch)
+            batch["labels"] = self.labels[batch["index"]]
+        return batch

@@ -4,9 +4,13 @@ The settings are a plain dict stored in the run's config.json, so ``infer``
 and ``--resume`` rebuild exactly the data pipeline training saw:
 
 * particles: ``{"kind": "particles", "path", "datadir", "pixel_size",
-  "preprocessing": {Preprocessing fields except box/pixel_size}}``
+  "preprocessing": {Preprocessing fields except box/pixel_size},
+  "label_column": optional STAR column with class labels}``
 * benchmark: ``{"kind": "benchmark", "benchmark": "mnist-u", "mnist_dir",
-  "split", "n", "seed"}``
+  "split", "n", "seed", "labels": optional number of labelled images (the first ones)}``
+
+With labels, batches carry ``"labels"`` (int64, ``-1`` for unlabelled) for
+semi-supervised models.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from torch.utils.data import Dataset
 
-from particle_vae.data.memory import ArrayDataset
+from particle_vae.data.memory import ArrayDataset, LabelledDataset
 from particle_vae.data.particles import ParticleDataset, ParticleSource, open_source
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.errors import ParticleVAEError
 
 
 @dataclass
@@ -40,6 +47,7 @@ class PreparedData:
     steps: list[str] = field(default_factory=list)
     source: ParticleSource | None = None
     benchmark: object | None = None
+    class_values: list | None = None
 
 
 def prepare_data(spec: dict, path_override: str | Path | None = None) -> PreparedData:
@@ -57,9 +65,38 @@ def prepare_data(spec: dict, path_override: str | Path | None = None) -> Prepare
                                seed=spec.get("seed", 0), n=spec.get("n"), progress=None)
         steps = [f"{spec['benchmark']} {spec.get('split', 'train')} split: {len(bench.images)} images of "
                  f"{bench.box}x{bench.box} px in [0, 1] (seed {spec.get('seed', 0)})"]
-        return PreparedData(ArrayDataset(bench.images), bench.box, 1.0, steps, benchmark=bench)
+        dataset = ArrayDataset(bench.images)
+        classes = None
+        if spec.get("labels") is not None:
+            labels = np.full(len(bench.labels), -1, dtype=np.int64)
+            known = min(int(spec["labels"]), len(labels))
+            labels[:known] = bench.labels[:known]
+            dataset, classes = LabelledDataset(dataset, labels), list(range(10))
+            steps.append(f"labels: the first {known} images labelled, {len(labels) - known} unlabelled")
+        return PreparedData(dataset, bench.box, 1.0, steps, benchmark=bench, class_values=classes)
     path = path_override or spec["path"]
     source = open_source(path, datadir=spec.get("datadir"), pixel_size=spec.get("pixel_size"))
     prep = Preprocessing(box=source.box, pixel_size=source.pixel_size, **spec.get("preprocessing", {}))
     dataset = ParticleDataset(source, transform=prep)
-    return PreparedData(dataset, prep.output_box, prep.output_pixel_size, [source.describe()] + prep.describe(), source=source)
+    steps = [source.describe()] + prep.describe()
+    classes = None
+    if spec.get("label_column"):
+        labels, classes = star_labels(source, spec["label_column"])
+        dataset = LabelledDataset(dataset, labels)
+        steps.append(f"labels from {spec['label_column']}: {len(classes)} classes {classes[:10]}, "
+                     f"{int((labels >= 0).sum())} labelled, {int((labels < 0).sum())} unlabelled")
+    return PreparedData(dataset, prep.output_box, prep.output_pixel_size, steps, source=source, class_values=classes)
+
+
+def star_labels(source: ParticleSource, column: str) -> tuple[np.ndarray, list]:
+    """Class labels from a STAR column: ``(labels (N,) int64 in 0..C-1 or -1 where
+    empty/NaN, sorted class values)``."""
+    if source.star is None or column not in source.star.particles.columns:
+        raise ParticleVAEError(f"{source.path}: no column {column} for --label-column; "
+                               "give a STAR with that column (e.g. rlnClassNumber from an earlier classification)")
+    values = pd.Series(source.star.particles[column]).reset_index(drop=True)
+    present = values.notna() & (values.astype(str).str.strip() != "")
+    classes = sorted(pd.unique(values[present]).tolist())
+    lookup = {value: i for i, value in enumerate(classes)}
+    labels = np.array([lookup[v] if ok else -1 for v, ok in zip(values, present)], dtype=np.int64)
+    return labels, classes

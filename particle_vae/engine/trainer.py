@@ -9,6 +9,7 @@ optimiser, scheduler, random-number states and data order are all restored).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -117,6 +118,7 @@ class Trainer:
     def __init__(self, model: PoseVAE, dataset: Dataset, settings: TrainSettings, run: RunDirectory, ctf_for=None):
         self.model, self.dataset, self.settings, self.run = model, dataset, settings, run
         self.ctf_for = ctf_for
+        self.takes_labels = "labels" in inspect.signature(model.loss).parameters
         self.device = resolve_device(settings.device)
         self.cuda = self.device.type == "cuda"
         self.model.to(self.device)
@@ -165,8 +167,11 @@ class Trainer:
         if self.cuda and self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         ctf = self.ctf_for(batch["index"]).to(self.device) if self.ctf_for is not None else None
+        extra = {}
+        if "labels" in batch and self.takes_labels:
+            extra["labels"] = batch["labels"].to(self.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.settings.bf16):
-            return self.model.loss(images, ctf=ctf), images.shape[0]
+            return self.model.loss(images, ctf=ctf, **extra), images.shape[0]
 
     def _run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
         totals: dict[str, torch.Tensor] = {}

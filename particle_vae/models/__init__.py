@@ -6,10 +6,10 @@ from particle_vae.models.base import LossTerms, PoseVAE, Readout
 from particle_vae.models.mce_vae import MCEVAE, MCEVAEConfig
 from particle_vae.models.spatial_vae import SpatialVAE, SpatialVAEConfig
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
-from particle_vae.models.vae import VAE, VAEConfig
+from particle_vae.models.vae import VAE, BetaVAE, BetaVAEConfig, VAEConfig
 
 #: model name -> class
-MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, SpatialVAE.name: SpatialVAE,
+MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, BetaVAE.name: BetaVAE, SpatialVAE.name: SpatialVAE,
                                  MCEVAE.name: MCEVAE}
 
 
@@ -23,5 +23,5 @@ def build_model(config: dict) -> PoseVAE:
     return cls(cls.config_class(**settings))
 
 
-__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig",
+__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig", "BetaVAE", "BetaVAEConfig",
            "SpatialVAE", "SpatialVAEConfig", "MCEVAE", "MCEVAEConfig"]

@@ -101,3 +101,17 @@ class VAE(PoseVAE):
         """Images ``(B, N, N)``; the pose is ignored (this model has none)."""
         raw = self.decoder(z).view(-1, self.box, self.box)
         return torch.sigmoid(raw) if self.config.likelihood == "bernoulli" else raw
+
+
+@dataclass
+class BetaVAEConfig(VAEConfig):
+    """:class:`VAEConfig` with the TARGET-VAE paper's comparison setting, beta = 4."""
+
+    beta: float = 4.0
+
+
+class BetaVAE(VAE):
+    """beta-VAE (Higgins et al.): the VAE with the KL term weighted by beta (default 4)."""
+
+    name = "beta-vae"
+    config_class = BetaVAEConfig
