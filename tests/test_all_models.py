@@ -26,7 +26,7 @@ def labelled_star(tmp_path_factory):
     images[:12, 5:11, 7:9] += 2.0  # two kinds of object
     images[12:, 7:9, 4:12] += 2.0
     write_stack(folder / "p.mrcs", images, 3.0)
-    labels = np.array([1] * 12 + [2] * 12)
+    labels = np.array([3] * 12 + [5] * 12)
     labels_text = np.where(np.arange(24) % 3 == 0, "", labels.astype(str))  # a third unlabelled
     star = make_particle_star([image_name(i, "p.mrcs") for i in range(24)], 3.0, 16,
                               columns={"rlnClassNumber": labels_text})
@@ -45,3 +45,5 @@ def test_model_trains_resumes_and_infers(name, labelled_star, tmp_path):
     model = build_model(RunDirectory(run).read_config()["model"])
     assert "pvaeZ1" in columns and "rlnClassNumber" in columns
     assert ("rlnAnglePsi" in columns) == model.has_pose
+    if "pvaePredictedClass" in columns:  # mapped back to the label values 3 and 5
+        assert set(ParticleStar(out).particles["pvaePredictedClass"].astype(int)) <= {3, 5}

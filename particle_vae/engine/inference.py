@@ -92,6 +92,17 @@ def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256,
     return InferenceResult(extra={k: np.concatenate(v) for k, v in extras.items()}, **joined)
 
 
+def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarray:
+    """Map 1-based class indices (into the sorted label values seen in training)
+    back to the label values themselves, e.g. index 1 of {3, 5} -> 3; non-numeric
+    label values keep the index."""
+    try:
+        values = np.asarray([float(v) for v in class_values])
+    except (TypeError, ValueError):
+        return predicted
+    return values[np.asarray(predicted, dtype=np.int64) - 1]
+
+
 def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True) -> dict[str, np.ndarray]:
     """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel.
     ``pose=False`` (models without a pose) leaves the pose columns out."""
@@ -195,6 +206,8 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     for line in prepared.steps:
         log.info("data: %s", line)
     result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers)
+    if "predicted_class" in result.extra and config.get("class_values"):
+        result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
     columns = result_columns(result, model_apix, pose=model.has_pose)
     star = output_star(prepared, columns, out_path)
     star.write(out_path, overwrite=True)

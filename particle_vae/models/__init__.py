@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.equivae import EquiVAE, EquiVAEConfig
 from particle_vae.models.mce_vae import MCEVAE, MCEVAEConfig
 from particle_vae.models.spatial_vae import SpatialVAE, SpatialVAEConfig
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
@@ -10,7 +11,7 @@ from particle_vae.models.vae import VAE, BetaVAE, BetaVAEConfig, VAEConfig
 
 #: model name -> class
 MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, BetaVAE.name: BetaVAE, SpatialVAE.name: SpatialVAE,
-                                 MCEVAE.name: MCEVAE}
+                                 MCEVAE.name: MCEVAE, EquiVAE.name: EquiVAE}
 
 
 def build_model(config: dict) -> PoseVAE:
@@ -24,4 +25,4 @@ def build_model(config: dict) -> PoseVAE:
 
 
 __all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig", "BetaVAE", "BetaVAEConfig",
-           "SpatialVAE", "SpatialVAEConfig", "MCEVAE", "MCEVAEConfig"]
+           "SpatialVAE", "SpatialVAEConfig", "MCEVAE", "MCEVAEConfig", "EquiVAE", "EquiVAEConfig"]
