@@ -78,3 +78,11 @@ def test_mnist_benchmark_script_runs_at_toy_size(tmp_path, data_root):
 def test_throughput_script_runs_at_toy_size():
     rows = load_script("throughput").main(["--configs", "particle-32", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
     assert rows[0]["train_images_per_s"] > 0 and rows[0]["infer_particles_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0
+
+
+def test_equivae_script_runs_at_toy_size(tmp_path, data_root):
+    results = load_script("equivae_mnist").main(["--data-dir", str(data_root), "--out", str(tmp_path), "--labels", "10,-1",
+                                                 "--n-train", "60", "--n-test", "30", "--epochs", "1", "--hidden", "16",
+                                                 "--device", "cpu"])
+    assert [row["labels"] for row in results["rows"]] == [10, 60]
+    assert all(0 <= row["error_percent"] <= 100 for row in results["rows"])
