@@ -791,3 +791,16 @@ def test_reconstruct_uses_the_readout_pose():
     images = object_images()
     ro = model.readout(images)
     torch.testing.assert_close(model.reconstruct(images), model.decode(ro.z_mean, ro.theta, ro.t))
+
+
+def test_checkpoints_that_saved_derived_buffers_still_load():
+    from particle_vae.models import TargetVAE, TargetVAEConfig
+    from particle_vae.models.base import learnable_state, load_learnable_state
+
+    config = TargetVAEConfig(box=17, n_fields=2, kernel=9, padding=2, group_order=4, gen_hidden=8, n_fourier=4)
+    state = learnable_state(TargetVAE(config))
+    state["cell_angle"] = torch.zeros(3)  # older files also held buffers rebuilt from the config
+    load_learnable_state(TargetVAE(config), state)
+    state["not_a_tensor_of_the_model"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="unexpected"):
+        load_learnable_state(TargetVAE(config), state)

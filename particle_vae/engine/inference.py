@@ -50,7 +50,10 @@ def load_model(run: RunDirectory, checkpoint: str = "best", device: torch.device
     config = run.read_config()
     model = build_model(config["model"])
     state = run.load_checkpoint(checkpoint)
-    load_learnable_state(model, state["model"])
+    try:
+        load_learnable_state(model, state["model"])
+    except KeyError as error:
+        raise ParticleVAEError(f"{run.path}: the checkpoint does not fit the model in config.json ({error.args[0]}); retrain the run") from None
     model.eval()
     if device is not None:
         model.to(device)

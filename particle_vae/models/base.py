@@ -152,6 +152,8 @@ def load_learnable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     cycled through train mode to rebuild them from the loaded weights.
     """
     names = {name for name, _ in _learnable_items(model)}
+    derived = {name for name, _ in model.named_buffers()} - names  # rebuilt from the config (older files saved them)
+    state = {name: value for name, value in state.items() if name not in derived}
     missing, unexpected = names - set(state), set(state) - names
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
