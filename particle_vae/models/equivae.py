@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.nn.mlp import mlp
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
 
@@ -121,16 +122,6 @@ class EquiVAEConfig:
             raise ValueError("gaussian_sigma must be positive")
 
 
-def _mlp(n_in: int, hidden: int, layers: int, n_out: int) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    width = n_in
-    for _ in range(layers):
-        modules += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
-        width = hidden
-    modules.append(nn.Linear(width, n_out))
-    return nn.Sequential(*modules)
-
-
 def gaussian_kl(mu: torch.Tensor, logstd: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, exp(logstd)^2) || N(0, I))`` summed over the last dimension."""
     return 0.5 * (mu ** 2 + torch.exp(2 * logstd) - 1.0 - 2 * logstd).sum(-1)
@@ -189,9 +180,9 @@ class EquiVAE(PoseVAE):
         config.validate()
         super().__init__(config)
         pixels = config.box * config.box
-        self.embedder = _mlp(pixels, config.hidden, config.layers, config.embed_dim)
-        self.encoder = _mlp(pixels + config.embed_dim, config.hidden, config.layers, 2 * config.zdim)
-        self.decoder = _mlp(config.embed_dim + config.zdim, config.hidden, config.layers, pixels)
+        self.embedder = mlp(pixels, config.hidden, config.layers, config.embed_dim)
+        self.encoder = mlp(pixels + config.embed_dim, config.hidden, config.layers, 2 * config.zdim)
+        self.decoder = mlp(config.embed_dim + config.zdim, config.hidden, config.layers, pixels)
         init = torch.randn(config.n_classes, config.embed_dim, generator=torch.Generator().manual_seed(int(config.seed)))
         self.register_buffer("class_means", init)
         self.register_buffer("class_seen", torch.zeros(config.n_classes))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.nn.mlp import mlp
 
 
 @dataclass
@@ -49,16 +50,6 @@ class VAEConfig:
             raise ValueError("beta must be positive")
 
 
-def _mlp(n_in: int, hidden: int, layers: int, n_out: int) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    width = n_in
-    for _ in range(layers):
-        modules += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
-        width = hidden
-    modules.append(nn.Linear(width, n_out))
-    return nn.Sequential(*modules)
-
-
 class VAE(PoseVAE):
     """(beta-)VAE on ``(B, 1, N, N)`` images."""
 
@@ -70,8 +61,8 @@ class VAE(PoseVAE):
         config.validate()
         super().__init__(config)
         pixels = config.box * config.box
-        self.encoder = _mlp(pixels, config.hidden, config.layers, 2 * config.zdim)
-        self.decoder = _mlp(config.zdim, config.hidden, config.layers, pixels)
+        self.encoder = mlp(pixels, config.hidden, config.layers, 2 * config.zdim)
+        self.decoder = mlp(config.zdim, config.hidden, config.layers, pixels)
         self._init_likelihood()
 
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
