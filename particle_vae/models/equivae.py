@@ -55,7 +55,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
 from particle_vae.nn.mlp import mlp

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from particle_vae.models.base import LossTerms, PoseVAE, Readout
 from particle_vae.nn.mlp import mlp
