@@ -51,8 +51,8 @@ def model_configs(args, box: int) -> dict[str, dict]:
                "translation_prior_std": 5.0, "theta_prior": prior, "likelihood": "bernoulli", "seed": args.seed}
     if prior_std is not None:
         spatial["theta_prior_std"] = prior_std
-    mce = {"model": "mce-vae", "box": box, "zdim": args.zdim, "n_clusters": 10, "group": "se2", "dec_hidden": args.vae_hidden,
-           "likelihood": "bernoulli"}
+    mce = {"model": "mce-vae", "box": box, "zdim": args.zdim, "n_clusters": 10, "cluster_dim": args.cluster_dim,
+           "group": "so2" if args.dataset == "so2" else "se2", "dec_hidden": args.vae_hidden, "likelihood": "bernoulli"}
     return {"target-vae": target, "vae": vae, "beta-vae": {**vae, "model": "beta-vae", "beta": 4.0},
             "spatial-vae": spatial, "mce-vae": mce}
 
@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--gen-hidden", type=int, default=128)
     parser.add_argument("--fourier", type=int, default=64)
     parser.add_argument("--vae-hidden", type=int, default=512)
+    parser.add_argument("--cluster-dim", type=int, default=5, help="MCE-VAE cluster latent size (paper: 10)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
