@@ -86,3 +86,16 @@ def test_equivae_script_runs_at_toy_size(tmp_path, data_root):
                                                  "--device", "cpu"])
     assert [row["labels"] for row in results["rows"]] == [10, 60]
     assert all(0 <= row["error_percent"] <= 100 for row in results["rows"])
+
+
+def test_plot_curves_script(tmp_path):
+    from particle_vae.engine.run import RunDirectory
+
+    runs = []
+    for name in ("a", "b"):
+        run = RunDirectory(tmp_path / name)
+        run.path.mkdir()
+        run.write_metrics([{"epoch": 0, "val_recon": 10.0}, {"epoch": 1, "val_recon": 8.0}])
+        runs.append(str(run.path))
+    out = load_script("plot_curves").main([*runs, "--out", str(tmp_path / "c.png")])
+    assert out.exists() and (tmp_path / "c.csv").read_text().count("\n") == 5
