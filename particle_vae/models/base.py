@@ -69,6 +69,8 @@ class PoseVAE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if hasattr(config, "validate"):
+            config.validate()  # ValueError with a readable message for impossible settings
         self.config = config
 
     @property

@@ -176,7 +176,6 @@ class EquiVAE(PoseVAE):
     has_pose = False
 
     def __init__(self, config: EquiVAEConfig):
-        config.validate()
         super().__init__(config)
         pixels = config.box * config.box
         self.embedder = mlp(pixels, config.hidden, config.layers, config.embed_dim)

@@ -258,7 +258,6 @@ class MCEVAE(PoseVAE):
     config_class = MCEVAEConfig
 
     def __init__(self, config: MCEVAEConfig):
-        config.validate()
         super().__init__(config)
         c = config
         k, d = c.n_clusters, c.cluster_dim

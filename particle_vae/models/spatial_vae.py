@@ -166,7 +166,6 @@ class SpatialVAE(PoseVAE):
     config_class = SpatialVAEConfig
 
     def __init__(self, config: SpatialVAEConfig):
-        config.validate()
         super().__init__(config)
         c = config
         # output layout: [z_mu (k), z_logstd (k), theta_mu, theta_logstd, t_mu (2), t_logstd (2)]

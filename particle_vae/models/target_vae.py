@@ -120,7 +120,6 @@ class TargetVAE(PoseVAE):
     config_class = TargetVAEConfig
 
     def __init__(self, config: TargetVAEConfig):
-        config.validate()
         super().__init__(config)
         c = config
         self.infers_offset = c.rotation == "full"

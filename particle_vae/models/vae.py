@@ -57,7 +57,6 @@ class VAE(PoseVAE):
     has_pose = False
 
     def __init__(self, config: VAEConfig):
-        config.validate()
         super().__init__(config)
         pixels = config.box * config.box
         self.encoder = mlp(pixels, config.hidden, config.layers, 2 * config.zdim)
