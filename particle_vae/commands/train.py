@@ -133,10 +133,13 @@ def _data_spec(args, preset: dict) -> dict:
             "pixel_size": args.pixel_size, "preprocessing": prep, "label_column": args.label_column}
 
 
-def _fit_box(spec: dict) -> None:
-    """Preset boxes larger than the input fall back to the input box."""
+def _fit_box(spec: dict):
+    """Preset boxes larger than the input fall back to the input box.
+
+    Returns the opened particle source (``None`` for benchmarks) so the data
+    pipeline does not read every stack header a second time."""
     if spec["kind"] != "particles":
-        return
+        return None
     from particle_vae.data.particles import open_source
 
     source = open_source(spec["path"], datadir=spec["datadir"], pixel_size=spec["pixel_size"])
@@ -144,6 +147,7 @@ def _fit_box(spec: dict) -> None:
     limit = prep.get("crop_box") or source.box
     if prep.get("target_box") and prep["target_box"] >= limit:
         prep.pop("target_box")
+    return source
 
 
 def _model_settings(args, preset: dict, box: int, class_values: list | None = None) -> dict:
@@ -188,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
 
     run = RunDirectory(args.out)
     preset = PRESETS[args.preset] if args.preset else {}
+    source = None
     if args.resume:
         config = run.read_config()
         if args.epochs is not None and args.epochs != config["train"]["epochs"]:
@@ -195,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
             run.write_config(config)
     else:
         spec = _data_spec(args, preset)
-        _fit_box(spec)
+        source = _fit_box(spec)
         train_settings = dict(preset.get("train", {}))
         for option in TRAIN_OPTIONS:
             if getattr(args, option) is not None:
@@ -205,20 +210,20 @@ def main(args: argparse.Namespace) -> int:
         run.create(overwrite=args.overwrite)
     handler = _attach_log(run, args.resume)
     try:
-        return _train(args, run, preset, config)
+        return _train(args, run, preset, config, source)
     finally:
         logging.getLogger("particle_vae").removeHandler(handler)
         handler.close()
 
 
-def _train(args, run: RunDirectory, preset: dict, config: dict) -> int:
+def _train(args, run: RunDirectory, preset: dict, config: dict, source=None) -> int:
     from particle_vae.engine.data import prepare_data
     from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
     from particle_vae.models import build_model
 
     if args.preset and not args.resume:
         log.info("preset %s sets: %s", args.preset, {k: v for k, v in preset.items() if v})
-    prepared = prepare_data(config["data"])
+    prepared = prepare_data(config["data"], source=source)
     for line in prepared.steps:
         log.info("data: %s", line)
     settings = TrainSettings(**config["train"])

@@ -50,13 +50,15 @@ class PreparedData:
     class_values: list | None = None
 
 
-def prepare_data(spec: dict, path_override: str | Path | None = None) -> PreparedData:
+def prepare_data(spec: dict, path_override: str | Path | None = None, source: ParticleSource | None = None) -> PreparedData:
     """Build the dataset described by ``spec`` (see the module docstring).
 
     Args:
         spec: data settings.
         path_override: read particles from this input instead of ``spec["path"]``
             (inference on another STAR with the same preprocessing).
+        source: the already opened particle source of ``spec`` (saves reading
+            the stack headers again).
     """
     if spec["kind"] == "benchmark":
         from particle_vae.data.benchmarks import make_benchmark
@@ -74,8 +76,9 @@ def prepare_data(spec: dict, path_override: str | Path | None = None) -> Prepare
             dataset, classes = LabelledDataset(dataset, labels), list(range(10))
             steps.append(f"labels: the first {known} images labelled, {len(labels) - known} unlabelled")
         return PreparedData(dataset, bench.box, 1.0, steps, benchmark=bench, class_values=classes)
-    path = path_override or spec["path"]
-    source = open_source(path, datadir=spec.get("datadir"), pixel_size=spec.get("pixel_size"))
+    if source is None:
+        path = path_override or spec["path"]
+        source = open_source(path, datadir=spec.get("datadir"), pixel_size=spec.get("pixel_size"))
     prep = Preprocessing(box=source.box, pixel_size=source.pixel_size, **spec.get("preprocessing", {}))
     dataset = ParticleDataset(source, transform=prep)
     steps = [source.describe()] + prep.describe()
