@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from particle_vae import conventions as cv
-from particle_vae.nn.generator import RandomFourierFeatures, SpatialGenerator
+from particle_vae.nn.generator import RandomFourierFeatures, SpatialGenerator, interleave_weight
 
 BOX = 33
 
@@ -226,3 +226,51 @@ def test_generator_float64():
     gen = make_generator().double()
     out = gen(torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------
+# Separable features on the posed grid (the fast path of the generator)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("box", [8, 9, 33])
+def test_grid_features_match_features_of_transformed_coordinates_with_gradients(box):
+    features = RandomFourierFeatures(24, 1.5, seed=3).double()
+    axis = cv.normalized_grid(box, dtype=torch.float64)[0, :, 0]
+    grid = cv.normalized_grid(box, dtype=torch.float64).reshape(-1, 2)
+    theta = torch.tensor([0.3, -2.0, 4.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.1, -0.2], [0.0, 0.3], [-0.5, 0.05]], dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, box * box, 48, dtype=torch.float64)
+
+    fast = features.on_grid(axis, theta, t)
+    (fast * weights).sum().backward()
+    fast_grads = theta.grad.clone(), t.grad.clone()
+    theta.grad = t.grad = None
+    slow = features(cv.transform_coordinates(grid, theta, t))
+    slow = slow.view(3, box * box, 2, 24).transpose(-1, -2).reshape(3, box * box, 48)  # interleaved channels
+    (slow * weights).sum().backward()
+
+    assert fast.shape == slow.shape == (3, box * box, 48)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast_grads[0], theta.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fast_grads[1], t.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_generator_under_bf16_autocast_stays_close_to_float32():
+    gen = make_generator(box=16, hidden=64, n_features=32)
+    z = torch.randn(4, 3)
+    theta = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    t = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, -0.2], [0.05, 0.05]])
+    reference = gen(z, theta, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gen(z, theta, t)
+    assert mixed.shape == reference.shape
+    scale = reference.abs().max()
+    assert (mixed.float() - reference).abs().max() < 0.05 * scale
+
+
+def test_interleaved_weight_gives_the_same_product():
+    features = RandomFourierFeatures(5, 1.0, seed=1)
+    coords = torch.randn(7, 2)
+    weight = torch.randn(3, 10)
+    flat = features(coords)
+    interleaved = flat.view(7, 2, 5).transpose(1, 2).reshape(7, 10)
+    torch.testing.assert_close(interleaved @ interleave_weight(weight).T, flat @ weight.T)

@@ -115,10 +115,10 @@ def test_small_config_geometry():
     assert torch.allclose(angles[:, 4, 7], expected)
 
 
-@pytest.mark.parametrize("order", [4, 8, 16])
-def test_rot90_equivariance_of_posterior_and_readout(order):
+@pytest.mark.parametrize("order, mixing", [(4, "full"), (8, "full"), (16, "full"), (8, "shared"), (16, "shared")])
+def test_rot90_equivariance_of_posterior_and_readout(order, mixing):
     images = object_images()
-    model = make_separated_model(images, group_order=order)
+    model = make_separated_model(images, group_order=order, mixing=mixing)
     m, shift = model.grid_size, order // 4
     post = model.posterior(images)
     ro = model.readout(images)
@@ -160,13 +160,17 @@ SHIFTS = [(1, -1), (3, 2), (-2, -3)]
 
 
 def _map_stays_in_overlap(model: TargetVAE, images: torch.Tensor) -> bool:
-    """Precondition for comparing MAP cells: for every shift, both MAPs are unambiguous and the
+    """Precondition for comparing MAP cells: for every shift, both MAPs are unambiguous, the
     shifted image's MAP cell lies where the unshifted grid also has a cell (not in the strip of
-    cells that only the shifted grid has)."""
+    cells that only the shifted grid has), and the unshifted MAP cell moved by the shift stays
+    on the grid."""
     m = model.grid_size
-    if not (top_gap(model.posterior(images)["log_q"]) > 2e-4).all():
+    log_q0 = model.posterior(images)["log_q"]
+    if not (top_gap(log_q0) > 2e-4).all():
         return False
     for dx, dy in SHIFTS:
+        if not all(0 <= row + dy < m and 0 <= col + dx < m for _, row, col in map_cell(model, log_q0)):
+            return False
         log_q = model.posterior(shift_images(images, dx, dy))["log_q"]
         if not (top_gap(log_q) > 2e-4).all():
             return False
@@ -213,9 +217,9 @@ def _translation_model(images: torch.Tensor, **overrides) -> TargetVAE:
 
 
 @pytest.mark.parametrize("overrides", [
-    {"group_order": 4}, {"group_order": 8}, {"group_order": 16},
+    {"group_order": 4}, {"group_order": 8}, {"group_order": 16}, {"group_order": 8, "mixing": "shared"},
     {"encoder": "plain", "rotation": "none"},
-], ids=["C4", "C8", "C16", "plain"])
+], ids=["C4", "C8", "C16", "C8-shared", "plain"])
 def test_translation_equivariance(overrides):
     images = object_images()
     model = _translation_model(images, **overrides)
@@ -804,3 +808,54 @@ def test_checkpoints_that_saved_derived_buffers_still_load():
     state["not_a_tensor_of_the_model"] = torch.zeros(1)
     with pytest.raises(KeyError, match="unexpected"):
         load_learnable_state(TargetVAE(config), state)
+
+
+def test_shared_mixing_is_a_per_rotation_channel_map_and_caches_the_filter_in_eval():
+    """The shared 1x1 layers act on each rotation channel with the same weights, and the
+    eval-mode forward (cached e2cnn filter) equals the training-mode forward (filter rebuilt)."""
+    torch.manual_seed(0)
+    model = make_model(seed=3, mixing="shared")
+    encoder = model.encoder
+    images = object_images()
+    train_out = encoder(images)
+    encoder.eval()
+    eval_out = encoder(images)
+    torch.testing.assert_close(eval_out, train_out, atol=1e-5, rtol=1e-5)
+    # reference: e2cnn first layer, then an explicit loop over rotation channels
+    first, _ = encoder.layers[0].expand_parameters()
+    x = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(images, first, encoder.layers[0].expanded_bias,
+                                                                   padding=encoder.padding), 0.2)
+    r = encoder.group_order
+    x = x.view(x.shape[0], -1, r, *x.shape[-2:])
+    outs = []
+    for j in range(r):
+        h = x[:, :, j]
+        for i, layer in enumerate(encoder.layers[1:]):
+            h = layer(h)
+            if i < 2:
+                h = torch.nn.functional.leaky_relu(h, 0.2)
+        outs.append(h)
+    torch.testing.assert_close(eval_out, torch.stack(outs, 2), atol=1e-5, rtol=1e-5)
+    full = make_model(seed=3, mixing="full")
+    assert sum(p.numel() for p in encoder.layers[1:].parameters()) < sum(p.numel() for p in full.encoder.layers[1:].parameters())
+
+
+def test_shared_encoder_under_bf16_autocast_matches_float32():
+    """The bf16 path (first layer as a product over image patches) computes the same encoder."""
+    model = make_model(seed=5, mixing="shared")
+    images = object_images()
+    reference = model.encoder(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.encoder(images)
+    assert mixed.shape == reference.shape
+    assert (mixed.float() - reference).abs().max() < 0.03 * reference.abs().max()
+
+
+def test_image_patches_are_the_convolution_windows():
+    from particle_vae.nn.equivariant import image_patches
+    images = torch.randn(2, 1, 9, 9)
+    weight = torch.randn(4, 1, 5, 5)
+    patches = image_patches(images, 5, 2)
+    assert patches.shape == (2, 9, 9, 25)
+    expected = torch.nn.functional.conv2d(images, weight, padding=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(patches @ weight.view(4, 25).T, expected, atol=1e-5, rtol=1e-5)

@@ -50,6 +50,10 @@ class TargetVAEConfig:
         zdim: semantic latent size.
         group_order: r of the rotation group C_r (paper: 4, 8 or 16).
         n_fields, kernel, padding: encoder's first layer (paper MNIST: 128, 28, 8).
+        mixing: the encoder's 1x1 group convolutions, ``"full"`` (e2cnn's
+            general regular-to-regular kernel) or ``"shared"`` (one channel
+            mixing shared by all rotation channels, as the authors' encoder;
+            ``r`` times cheaper). See :mod:`particle_vae.nn.equivariant`.
         encoder: ``"group"`` (P_r convolutions) or ``"plain"`` (ordinary
             convolutions, translation-only inference; ablation).
         rotation: ``"full"`` (rotation channel + continuous offset),
@@ -74,6 +78,7 @@ class TargetVAEConfig:
     n_fields: int = 128
     kernel: int = 28
     padding: int = 8
+    mixing: str = "full"
     encoder: str = "group"
     rotation: str = "full"
     subpixel: bool = True
@@ -92,6 +97,8 @@ class TargetVAEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a readable message for impossible settings."""
+        if self.mixing not in ("full", "shared"):
+            raise ValueError(f"mixing must be 'full' or 'shared', not {self.mixing!r}")
         if self.encoder not in ("group", "plain"):
             raise ValueError(f"encoder must be 'group' or 'plain', not {self.encoder!r}")
         if self.rotation not in ("full", "discrete", "none"):
@@ -126,7 +133,7 @@ class TargetVAE(PoseVAE):
         self.n_out = 1 + (2 if self.infers_offset else 0) + 2 * c.zdim + (4 if c.subpixel else 0)
         self.encoder = GroupConvEncoder(
             c.group_order if c.encoder == "group" else 1, self.n_out, n_fields=c.n_fields, kernel=c.kernel,
-            padding=c.padding, plain=c.encoder == "plain",
+            padding=c.padding, plain=c.encoder == "plain", mixing=c.mixing,
         )
         # rotation="none" with group convolutions: pool the rotation channels (ablation)
         self.pool_rotations = c.encoder == "group" and c.rotation == "none"
@@ -226,12 +233,15 @@ class TargetVAE(PoseVAE):
 
     # -- pose of a chosen cell ---------------------------------------------
     def _cell_pose(self, angle: torch.Tensor, position: torch.Tensor, theta_offset, delta) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generator pose (theta rad, t px) of objects centred at ``position`` + offset."""
-        theta = angle if theta_offset is None else angle + theta_offset
-        if delta is not None:
-            # the offset is predicted in the rotated frame of its channel
-            position = position + torch.einsum("bji,bj->bi", rotation_matrix(angle).to(delta), delta)
-        t = -torch.einsum("bij,bj->bi", rotation_matrix(theta).to(position), position)
+        """Generator pose (theta rad, t px) of objects centred at ``position`` + offset, in float32
+        even under autocast (a bf16 pose would be off by up to a tenth of a pixel)."""
+        with torch.autocast(angle.device.type, enabled=False):
+            angle, position = angle.float(), position.float()
+            theta = angle if theta_offset is None else angle + theta_offset.float()
+            if delta is not None:
+                # the offset is predicted in the rotated frame of its channel
+                position = position + torch.einsum("bji,bj->bi", rotation_matrix(angle).to(position), delta.float())
+            t = -torch.einsum("bij,bj->bi", rotation_matrix(theta).to(position), position)
         return theta, t
 
     # -- training objective --------------------------------------------------

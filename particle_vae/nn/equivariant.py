@@ -6,6 +6,16 @@ convolutions follow (the last one maps to ``n_out`` regular fields), with
 LeakyReLU in between (pointwise non-linearities commute with the permutation
 action on regular fields, so every layer stays equivariant).
 
+The 1x1 layers come in two flavours (``mixing``):
+
+- ``"full"``: e2cnn's general 1x1 regular-to-regular convolution, whose kernel
+  mixes all ``r`` rotation channels of every input field (``r`` weights per
+  field pair, a ``(C r) x (C r)`` product per pixel);
+- ``"shared"``: one ``C x C`` channel mixing applied to each rotation channel
+  separately (the identity component of that kernel only), as in the TARGET-VAE
+  authors' encoder: ``r`` times cheaper, and still equivariant because the same
+  map acts on every rotation channel, so it commutes with their cyclic shift.
+
 Output layout: ``(B, n_out, R, H', W')`` with ``R = r`` rotation channels. The
 group acts on the input by rotating it; the output then rotates spatially and
 its rotation channels shift cyclically. With ``torch.rot90(x, 1, (-2, -1))``
@@ -21,6 +31,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from particle_vae.nn.precision import matmul_dtype
 
 LEAK = 0.2
 
@@ -49,12 +61,15 @@ class GroupConvEncoder(nn.Module):
     """
 
     def __init__(self, group_order: int, n_out: int, n_fields: int = 128, kernel: int = 28, padding: int = 8,
-                 plain: bool = False):
+                 plain: bool = False, mixing: str = "full"):
         super().__init__()
+        if mixing not in ("full", "shared"):
+            raise ValueError(f"mixing must be 'full' or 'shared', not {mixing!r}")
         self.group_order = int(group_order)
         self.n_out = int(n_out)
         self.kernel, self.padding = int(kernel), int(padding)
         self.plain = plain or self.group_order == 1
+        self.shared_mixing = mixing == "shared" and not self.plain
         if self.plain:
             self.layers = nn.ModuleList([
                 nn.Conv2d(1, n_fields, kernel, padding=padding),
@@ -70,12 +85,13 @@ class GroupConvEncoder(nn.Module):
             self.out_type = enn.FieldType(space, n_out * [space.regular_repr])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.layers = nn.ModuleList([
-                    enn.R2Conv(self.in_type, self.hidden_type, kernel, padding=padding),
-                    enn.R2Conv(self.hidden_type, self.hidden_type, 1),
-                    enn.R2Conv(self.hidden_type, self.hidden_type, 1),
-                    enn.R2Conv(self.hidden_type, self.out_type, 1),
-                ])
+                first = enn.R2Conv(self.in_type, self.hidden_type, kernel, padding=padding)
+                if self.shared_mixing:
+                    rest = [nn.Conv2d(n_fields, n_fields, 1), nn.Conv2d(n_fields, n_fields, 1), nn.Conv2d(n_fields, n_out, 1)]
+                else:
+                    rest = [enn.R2Conv(self.hidden_type, self.hidden_type, 1), enn.R2Conv(self.hidden_type, self.hidden_type, 1),
+                            enn.R2Conv(self.hidden_type, self.out_type, 1)]
+                self.layers = nn.ModuleList([first, *rest])
 
     @property
     def rotations(self) -> int:
@@ -103,6 +119,8 @@ class GroupConvEncoder(nn.Module):
                     x = F.leaky_relu(x, LEAK)
             return x[:, :, None]
         _, enn = _e2cnn()
+        if self.shared_mixing:
+            return self._forward_shared(images)
         x = enn.GeometricTensor(images, self.in_type)
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -111,3 +129,48 @@ class GroupConvEncoder(nn.Module):
         out = x.tensor
         batch, _, height, width = out.shape
         return out.view(batch, self.n_out, self.group_order, height, width)
+
+    def _forward_shared(self, images: torch.Tensor) -> torch.Tensor:
+        first = self.layers[0]
+        r = self.group_order
+        # the e2cnn layer keeps its expanded filter cached in eval mode; in training it is rebuilt each step
+        weight, bias = (first.filter, first.expanded_bias) if not first.training else first.expand_parameters()
+        # Output channels reordered from field-major (f r + j) to rotation-major (j C + f) and computed
+        # channels-last, (B H W) x (r C): the 1x1 layers are then single products over (B H W r) rows.
+        n_fields = weight.shape[0] // r
+        weight = weight.view(n_fields, r, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+        bias = bias.view(n_fields, r).t().reshape(-1)
+        dtype = matmul_dtype(images)
+        if images.device.type == "cpu" and dtype == torch.bfloat16:
+            # bf16 matrix products are several times faster than oneDNN's bf16 convolution on CPUs
+            # with AVX512-BF16: compute the first layer as one product over image patches (im2col)
+            patches = image_patches(images, self.kernel, self.padding, dtype=dtype)  # (B, H, W, K*K)
+            x = F.linear(patches, weight.flatten(1), bias)
+        else:
+            x = F.conv2d(images.contiguous(memory_format=torch.channels_last), weight.to(images.dtype),
+                         bias.to(images.dtype), padding=self.padding).permute(0, 2, 3, 1)
+        batch, height, width, _ = x.shape
+        x = F.leaky_relu(x.reshape(batch, height, width, r, n_fields), LEAK)
+        for i, layer in enumerate(self.layers[1:]):
+            x = F.linear(x, layer.weight.view(layer.weight.shape[0], -1), layer.bias)
+            if i < len(self.layers) - 2:
+                x = F.leaky_relu(x, LEAK, inplace=True)  # the product's backward does not need its output
+        return x.permute(0, 4, 3, 1, 2).contiguous()  # (B, n_out, r, H, W)
+
+
+def image_patches(images: torch.Tensor, kernel: int, padding: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every ``kernel x kernel`` window of zero-padded one-channel images (im2col).
+
+    Args:
+        images: ``(B, 1, N, N)``.
+        kernel, padding: pixels.
+        dtype: dtype of the result (cast before the copy, so a bf16 result costs half).
+    Returns:
+        ``(B, M, M, kernel**2)`` with ``M = N + 2 padding - kernel + 1``; window
+        ``[b, i, j]`` starts at padded pixel ``(i, j)``, row-major inside.
+    """
+    padded = F.pad(images[:, 0].to(dtype or images.dtype), (padding,) * 4).contiguous()
+    batch, size, _ = padded.shape
+    out = size - kernel + 1
+    windows = padded.as_strided((batch, out, out, kernel, kernel), (size * size, size, 1, size, 1))
+    return windows.reshape(batch, out, out, kernel * kernel)
