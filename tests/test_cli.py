@@ -71,3 +71,14 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "particle_vae", "info", str(tmp_path / "nope.mrcs")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nope.mrcs" in result.stderr
+
+
+def test_core_imports_no_gui_toolkit():
+    """The core (every command module) must run without Qt or napari installed: importing it pulls in neither."""
+    import subprocess
+    import sys
+    code = ("import sys, particle_vae.cli, particle_vae.analysis.plots\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'napari', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'magicgui'})\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
