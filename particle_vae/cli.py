@@ -17,6 +17,7 @@ COMMANDS = {
     "simulate": ("simulate", "simulate a cryo-EM particle stack with known poses, CTF and noise"),
     "make-benchmark": ("make_benchmark", "write a paper benchmark set (MNIST(N)/(U), SO(2)/SE(2)) as MRC stack + STAR"),
     "info": ("info", "summarise a STAR file or MRC stack"),
+    "cache": ("cache", "preprocess particles once into one contiguous cache file for training (train --cache)"),
     "train": ("train", "train a model (TARGET-VAE) on particles or a paper benchmark; writes a run directory"),
     "infer": ("infer", "write per-particle poses and latents of a trained run to a STAR file"),
     "analyze": ("analyze", "cluster inferred latents; class averages, plots and a clustered STAR"),

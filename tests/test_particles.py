@@ -477,3 +477,42 @@ def test_errors_through_cli_info(tmp_path: Path, toy_stack: Path, toy_star: Path
         assert code == EXIT_USER_ERROR, (name, code, err)
         assert len(err.splitlines()) == 1 and path.name in err, (name, err)
     assert cli.main(["info", str(toy_star)]) == 0
+
+
+# --------------------------------------------------------------------------- IndexSubset, loader random state
+
+
+def test_index_subset_reads_batches_in_disk_order_and_pickles_small(tmp_path: Path, toy_stack: Path):
+    from particle_vae.data.particles import IndexSubset
+
+    # STAR rows in reverse disk order: the subset's storage order follows the disk, not the rows
+    n = 40
+    star = make_particle_star([image_name(n - 1 - i, toy_stack.name) for i in range(n)], 1.0, 30)
+    shutil.copy(toy_stack, tmp_path / toy_stack.name)
+    dataset = ParticleDataset(star.write(tmp_path / "reverse.star"))
+    chosen = np.array([3, 10, 11, 25, 39], dtype=np.int64)
+    subset = IndexSubset(dataset, chosen)
+    assert len(subset) == 5 and subset.box == dataset.box
+    batch = subset.__getitems__([4, 0])
+    assert batch["index"].tolist() == [39, 3]
+    torch.testing.assert_close(batch["images"], dataset.__getitems__([39, 3])["images"])
+    # particle 39 is image 0 on disk, particle 3 is image 36: disk order is positions 4, 3, 2, 1, 0
+    assert subset.storage_order().tolist() == [4, 3, 2, 1, 0]
+    copy = pickle.loads(pickle.dumps(subset))  # what a worker receives: one int64 array, no Python list
+    assert isinstance(copy.indices, np.ndarray) and copy.indices.tolist() == chosen.tolist()
+    torch.testing.assert_close(copy.__getitems__([4, 0])["images"], batch["images"])
+    seen = np.concatenate([b["index"].numpy() for b in make_loader(subset, 2, shuffle=True, num_workers=0, seed=1)])
+    assert sorted(seen.tolist()) == sorted(chosen.tolist())
+    with pytest.raises(IndexError):
+        IndexSubset(dataset, [n])
+
+
+def test_loaders_do_not_draw_from_the_global_torch_generator(toy_stack: Path):
+    dataset = ParticleDataset(toy_stack)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for shuffle in (True, False):
+        for _ in make_loader(dataset, 64, shuffle=shuffle, num_workers=0, seed=2):
+            pass
+    assert torch.equal(torch.rand(3), expected)

@@ -152,3 +152,67 @@ def test_floats_are_written_exactly(tmp_path):
     star = make_particle_star([image_name(i, "x.mrcs") for i in range(6)], 1.0, 8, columns={"v": values})
     back = ParticleStar(star.write(tmp_path / "f.star"))
     np.testing.assert_array_equal(back.particles["v"].to_numpy(float), values)
+
+
+# --------------------------------------------------------------------------- large files (fast reader, vectorised names)
+
+
+def _large_star_text(n: int) -> str:
+    rows = "\n".join(f"  {i % 997 + 1:06d}@Extract/job{i % 3}/mic{i % 50}.mrcs  {1 + i % 2}  {i * 0.5:.2f}  'a b'  {i}"
+                     for i in range(n))
+    return ("# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnOpticsGroupName #2\n_rlnImagePixelSize #3\n"
+            "_rlnImageSize #4\n1 opticsGroup1 1.5 64\n2 opticsGroup2 1.5 64\n\n\n# version 30001\n\ndata_particles\n\nloop_\n"
+            "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnDefocusU #3\n_rlnNote #4\n_rlnCount #5\n# a comment line\n" + rows + "\n\n")
+
+
+def test_large_files_are_read_by_the_fast_reader_with_starfile_s_result(tmp_path, monkeypatch):
+    import starfile
+
+    from particle_vae.io import star as star_module
+
+    path = tmp_path / "large.star"
+    path.write_text(_large_star_text(30_000))
+    assert path.stat().st_size >= star_module.FAST_READ_BYTES
+    calls = []
+    real_fast = star_module._read_star_fast
+    monkeypatch.setattr(star_module, "_read_star_fast", lambda *a, **k: calls.append(1) or real_fast(*a, **k))
+    fast = read_star(path)
+    assert calls, "the fast reader was not used"
+    reference = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"])
+    assert list(fast.blocks) == list(reference) == ["optics", "particles"]
+    for name in reference:
+        pd.testing.assert_frame_equal(fast.blocks[name], reference[name])
+    particles = fast.blocks["particles"]
+    assert particles["rlnNote"].iloc[0] == "a b" and particles["rlnCount"].dtype.kind == "i"
+    assert particles["rlnImageName"].iloc[5] == "000006@Extract/job2/mic5.mrcs"
+
+
+def test_fast_reader_leaves_key_value_blocks_to_starfile(tmp_path):
+    from particle_vae.io.star import _read_star_fast
+
+    path = tmp_path / "kv.star"
+    path.write_text("data_general\n\n_rlnImageSizeX 64\n_rlnNote 'x y'\n\n" + _large_star_text(10))
+    assert _read_star_fast(path) is None
+    star = read_star(path)
+    assert star.blocks["general"]["rlnImageSizeX"] == 64 and len(star.blocks["particles"]) == 10
+
+
+def test_vectorised_image_name_split_matches_the_regular_expression(tmp_path):
+    from particle_vae.io.star import _IMAGE_NAME_RE, _split_image_names
+
+    names = pd.Series([" 12@ a.mrcs", "0003@dir/b.mrcs ", "7@a.mrcs", "1@x@y.mrcs"], dtype=str)
+    numbers, codes, stacks = _split_image_names(names)
+    assert numbers.tolist() == [12, 3, 7, 1] and codes.tolist() == [0, 1, 0, 2] and stacks == ["a.mrcs", "dir/b.mrcs", "x@y.mrcs"]
+    expected = names.str.extract(_IMAGE_NAME_RE)
+    assert expected[0].astype(int).tolist() == numbers.tolist()
+    for bad in (["1@a", "b.mrcs"], ["x@a"], ["2@"], ["@a"]):
+        assert _split_image_names(pd.Series(bad, dtype=str)) is None, bad
+        assert _split_image_names(pd.Series(bad, dtype=object)) is None, bad
+    # a 200,000-row STAR resolves its stacks quickly and without a Python object per row
+    rows = 200_000
+    star = make_particle_star([image_name(i % 1000, f"s{i // 1000}.mrcs") for i in range(rows)], 1.0, 8)
+    for s in range(rows // 1000):
+        (tmp_path / f"s{s}.mrcs").touch()
+    path = star.write(tmp_path / "many.star")
+    locations = ParticleStar(path).image_locations()
+    assert len(locations.stack_paths) == 200 and locations.image_index[-1] == 999 and locations.stack_index[-1] == 199

@@ -227,3 +227,20 @@ def test_vae_baseline_through_the_cli_writes_latents_but_no_pose(simulated, tmp_
     assert cli.main(["-q", "infer", str(run), "--out", str(out)]) == 0
     columns = ParticleStar(out).particles.columns
     assert "pvaeZ1" in columns and "rlnAnglePsi" not in columns
+
+
+def test_max_steps_stops_inside_an_epoch_and_resume_continues_exactly(simulated, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train([str(simulated), *TINY, "--epochs", "2", "--out", str(straight)]) == 0
+    assert train([str(simulated), *TINY, "--epochs", "2", "--max-steps", "3", "--out", str(stopped)]) == 0
+    rows = RunDirectory(stopped).read_metrics()
+    assert len(rows) == 1 and rows[0]["partial"] is True and rows[0]["step"] == 3
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["batches_done"] == 3 and state["epoch_complete"] is False
+    assert train(["--out", str(stopped), "--resume", "--max-steps", "1000"]) == 0
+    a, b = RunDirectory(straight).read_metrics(), RunDirectory(stopped).read_metrics()
+    assert [r["epoch"] for r in b] == [0, 1] and b[-1]["step"] == a[-1]["step"] == 12  # 86 training images, batches of 16
+    assert b[-1]["val_elbo"] == a[-1]["val_elbo"] and b[-1]["lr"] == a[-1]["lr"]
+    final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)["model"]
+    final_b = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)

@@ -6,6 +6,7 @@ the pvae* latent and confidence columns (see docs/training.md). A .npz with
 the same numbers is written beside it. Example:
 
   particle-vae infer run1 --out run1/particles_pose.star
+  particle-vae infer run1 --out run1/particles_pose.star --gpus 4     # sharded over 4 GPUs, one STAR in input order
 """
 
 from __future__ import annotations
@@ -25,12 +26,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
+    from particle_vae.engine.distributed import add_launch_args
+
+    add_launch_args(parser, "inference sharded")
 
 
 def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from particle_vae.engine import distributed as ddp
     from particle_vae.engine.inference import infer_run
 
-    infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
-              device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
-              overwrite=args.overwrite)
+    if ddp.wants_launch(args):
+        return ddp.relaunch(args, args._launch_parser, "infer")
+    context = ddp.init_distributed(args.device)
+    if not context.is_main:
+        logging.getLogger("particle_vae").setLevel(logging.WARNING)
+    try:
+        infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                  device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
+                  overwrite=args.overwrite, context=context)
+    finally:
+        ddp.cleanup(context)
     return 0

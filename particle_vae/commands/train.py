@@ -7,6 +7,12 @@ resume, best.pt at the best validation ELBO). Examples:
   particle-vae train particles.star --preset particles --group 8 --zdim 2 --out run1
   particle-vae train --dataset mnist-u --preset mnist --n 10000 --data-dir DATA --out run2
   particle-vae train --out run1 --resume
+  particle-vae train particles.star --preset particles --gpus 4 --batch-size 256 --out run3
+  torchrun --nnodes 2 --nproc-per-node 8 ... -m particle_vae train particles.star ... --out run4
+
+Several GPUs: --gpus N starts N processes on this node with torchrun
+(DistributedDataParallel, --batch-size is the global batch); several nodes:
+start torchrun yourself on every node (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ MODEL_OPTIONS = {
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed",
-                 "num_workers", "device")
+                 "num_workers", "device", "max_steps")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +104,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images")
     data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files")
     data.add_argument("--data-dir", type=Path, help="reference-data folder (holds mnist/); or set PARTICLE_VAE_DATA")
+    data.add_argument("--cache", type=Path, help="write the preprocessed particles once to this contiguous stack "
+                      "(e.g. particles_cache.mrcs, plus a .json) and train from it; reused while input and preprocessing match")
+    data.add_argument("--cache-dtype", choices=["float16", "float32"], help="values of the --cache file (default float16)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int)
@@ -110,6 +119,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes")
     train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="no bf16 autocast on CUDA")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (also inside an epoch; --resume continues)")
+
+    from particle_vae.engine.distributed import add_launch_args
+
+    add_launch_args(parser, "data-parallel training")
 
 
 def _data_spec(args, preset: dict) -> dict:
@@ -128,9 +142,14 @@ def _data_spec(args, preset: dict) -> dict:
         value = getattr(args, option)
         if value is not None:
             prep[name] = value
-    return {"kind": "particles", "path": str(args.input.resolve()),
+    spec = {"kind": "particles", "path": str(args.input.resolve()),
             "datadir": None if args.datadir is None else str(args.datadir.resolve()),
             "pixel_size": args.pixel_size, "preprocessing": prep, "label_column": args.label_column}
+    if args.cache is not None:
+        spec["cache"] = {"path": str(args.cache.expanduser().resolve()), "dtype": args.cache_dtype or "float16"}
+    elif args.cache_dtype is not None:
+        raise ParticleVAEError("--cache-dtype needs --cache PATH")
+    return spec
 
 
 def _fit_box(spec: dict):
@@ -188,16 +207,38 @@ def _model_settings(args, preset: dict, box: int, class_values: list | None = No
 
 
 def main(args: argparse.Namespace) -> int:
+    from particle_vae.engine import distributed as ddp
+
+    if ddp.wants_launch(args):
+        return _launch(args)
+    context = ddp.init_distributed(args.device or "auto")
+    if not context.is_main:  # one console log (rank 0's) for the run
+        logging.getLogger("particle_vae").setLevel(logging.WARNING)
+    try:
+        return _main(args, context)
+    finally:
+        ddp.cleanup(context)
+
+
+def _main(args: argparse.Namespace, context) -> int:
+    from particle_vae.engine import distributed as ddp
     from particle_vae.engine.trainer import TrainSettings
 
     run = RunDirectory(args.out)
     preset = PRESETS[args.preset] if args.preset else {}
     source = None
     if args.resume:
-        config = run.read_config()
-        if args.epochs is not None and args.epochs != config["train"]["epochs"]:
-            config["train"]["epochs"] = args.epochs  # extending a finished run
-            run.write_config(config)
+        def read_config():
+            config = run.read_config()
+            if args.epochs is not None and args.epochs != config["train"]["epochs"]:
+                config["train"]["epochs"] = args.epochs  # extending a finished run
+                run.write_config(config)
+            if args.max_steps is not None and args.max_steps != config["train"].get("max_steps"):
+                config["train"]["max_steps"] = args.max_steps
+                run.write_config(config)
+            return config
+
+        config = ddp.run_on_main(context, read_config)
     else:
         spec = _data_spec(args, preset)
         source = _fit_box(spec)
@@ -207,26 +248,38 @@ def main(args: argparse.Namespace) -> int:
                 train_settings[option] = getattr(args, option)
         train_settings["bf16"] = args.bf16
         config = {"data": spec, "train": vars(TrainSettings(**train_settings)), "ctf": bool(args.ctf)}
-        run.create(overwrite=args.overwrite)
-    handler = _attach_log(run, args.resume)
+        ddp.run_on_main(context, lambda: run.create(overwrite=args.overwrite))
+    handler = _attach_log(run, args.resume) if context.is_main else None
     try:
-        return _train(args, run, preset, config, source)
+        return _train(args, run, preset, config, source, context)
     finally:
-        logging.getLogger("particle_vae").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("particle_vae").removeHandler(handler)
+            handler.close()
 
 
-def _train(args, run: RunDirectory, preset: dict, config: dict, source=None) -> int:
+def _launch(args: argparse.Namespace) -> int:
+    """Start this command again under torchrun with ``--gpus`` / ``--ddp-cpu-processes`` processes."""
+    from particle_vae.engine.distributed import relaunch
+
+    if not args.resume and RunDirectory(args.out).config_path.exists() and not args.overwrite:
+        RunDirectory(args.out).create(overwrite=False)  # the one-line "already holds a training run" error
+    return relaunch(args, args._launch_parser, "train")
+
+
+def _train(args, run: RunDirectory, preset: dict, config: dict, source=None, context=None) -> int:
+    from particle_vae.engine import distributed as ddp
     from particle_vae.engine.data import prepare_data
     from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
     from particle_vae.models import build_model
 
+    context = context or ddp.SINGLE
     if args.preset and not args.resume:
         log.info("preset %s sets: %s", args.preset, {k: v for k, v in preset.items() if v})
-    prepared = prepare_data(config["data"], source=source)
+    settings = TrainSettings(**config["train"])
+    prepared = prepare_data(config["data"], source=source, num_workers=settings.num_workers, context=context)
     for line in prepared.steps:
         log.info("data: %s", line)
-    settings = TrainSettings(**config["train"])
     seed_everything(settings.seed)
     if not args.resume:
         try:
@@ -235,14 +288,16 @@ def _train(args, run: RunDirectory, preset: dict, config: dict, source=None) -> 
             raise ParticleVAEError(f"invalid model settings: {error}") from None
         config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box,
                       class_values=prepared.class_values)
-        run.write_config(config)
+        ddp.run_on_main(context, lambda: run.write_config(config))
     else:
         model = build_model(config["model"])
     log.info("model: %s", config["model"])
     log.info("%d trainable parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
     ctf_for = _ctf_provider(prepared, model) if config.get("ctf") else None
-    trainer = Trainer(model, prepared.dataset, settings, run, ctf_for=ctf_for)
-    log.info("device %s; %d training and %d validation images", trainer.device, len(trainer.train_idx), len(trainer.val_idx))
+    trainer = Trainer(model, prepared.dataset, settings, run, ctf_for=ctf_for, context=context)
+    log.info("device %s%s; %d training and %d validation images", trainer.device,
+             f" x {context.world_size} processes ({context.backend}), {settings.batch_size // context.world_size} images per "
+             f"process and step" if context.distributed else "", len(trainer.train_idx), len(trainer.val_idx))
     if args.resume:
         trainer.resume()
     try:

@@ -50,6 +50,7 @@ __all__ = [
     "WorkerError",
     "ChunkShuffleBatchSampler",
     "SequentialBatchSampler",
+    "IndexSubset",
     "make_loader",
     "ParticleLoader",
 ]
@@ -540,32 +541,53 @@ class ChunkShuffleBatchSampler(Sampler):
     Every index appears exactly once per epoch (unless ``drop_last`` drops the
     short final batch). Call :meth:`set_epoch` before each epoch.
 
+    **Several ranks** (data-parallel training): with ``world_size = W > 1``,
+    ``batch_size`` is the *global* batch. Every rank computes the same
+    permutation and the same global batches and yields only its share: the
+    ``rank``-th of ``W`` contiguous slices of each global batch (sizes differ by
+    at most one). A rank's slice is therefore still made of runs of consecutive
+    stored images, and the union of the ranks' ``t``-th batches is the ``t``-th
+    batch of a single process with the same seed. A final global batch with
+    fewer than ``W`` particles is skipped on every rank (a rank would
+    otherwise have nothing to compute).
+
     Args:
         n: number of particles ``N`` (or a dataset).
-        batch_size: particles per batch ``B``.
+        batch_size: particles per (global) batch ``B``.
         chunk_size: consecutive particles kept together (1 = fully random).
         seed: base seed; the order is a function of ``(seed, epoch)`` only.
         drop_last: drop the final batch when it has fewer than ``batch_size``.
         order: ``(N,)`` permutation of ``0..N-1`` defining "consecutive".
+        rank, world_size: this process's rank and the number of processes.
     """
 
     def __init__(self, n: int | Dataset, batch_size: int, chunk_size: int = 16, seed: int = 0,
-                 drop_last: bool = False, order: np.ndarray | None = None):
+                 drop_last: bool = False, order: np.ndarray | None = None, rank: int = 0, world_size: int = 1):
         n = len(n) if not isinstance(n, (int, np.integer)) else int(n)
         if batch_size < 1 or chunk_size < 1:
             raise ValueError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.n, self.batch_size, self.chunk_size = n, int(batch_size), int(chunk_size)
         self.seed, self.drop_last, self.epoch = int(seed), bool(drop_last), 0
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.start_batch = 0
         self.order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
         if self.order.shape != (n,):
             raise ValueError(f"order must have shape ({n},), got {self.order.shape}")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of epoch ``epoch`` (any non-negative integer)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the permutation of epoch ``epoch`` (any non-negative integer).
+
+        Args:
+            start_batch: skip the first ``start_batch`` batches of the epoch
+                (continuing an epoch that was interrupted after that many steps).
+        """
         self.epoch = int(epoch)
+        self.start_batch = max(int(start_batch), 0)
 
     def permutation(self) -> np.ndarray:
-        """The ``(N,)`` particle order of the current epoch."""
+        """The ``(N,)`` particle order of the current epoch (the same on every rank)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         n_chunks = -(-self.n // self.chunk_size)
         starts = rng.permutation(n_chunks) * self.chunk_size
@@ -573,16 +595,25 @@ class ChunkShuffleBatchSampler(Sampler):
         positions = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
         return self.order[positions]
 
+    def _global_batches(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        if rest and not self.drop_last and rest >= self.world_size:
+            return full + 1
+        return full
+
     def __iter__(self) -> Iterator[list[int]]:
         perm = self.permutation()
-        for start in range(0, self.n, self.batch_size):
-            batch = perm[start:start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
+        for number in range(self.start_batch, self._global_batches()):
+            batch = perm[number * self.batch_size:(number + 1) * self.batch_size]
+            if self.world_size > 1:
+                base, extra = divmod(len(batch), self.world_size)
+                start = self.rank * base + min(self.rank, extra)
+                batch = batch[start:start + base + (1 if self.rank < extra else 0)]
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        """Batches this rank yields in the current epoch (the same number on every rank)."""
+        return max(self._global_batches() - self.start_batch, 0)
 
 
 class SequentialBatchSampler(Sampler):
@@ -610,6 +641,57 @@ class SequentialBatchSampler(Sampler):
         return -(-self.n // self.batch_size)
 
 
+class IndexSubset(Dataset):
+    """A view of some items of a dataset, held as one int64 array.
+
+    Like ``torch.utils.data.Subset`` but without a Python list of indices (a
+    1,000,000-particle training split is 8 MB here, and pickles to workers as
+    one array), with batched reads passed through to ``__getitems__`` and an
+    on-disk order for the chunk-shuffle sampler.
+
+    Args:
+        dataset: the underlying dataset (``ParticleDataset``, ``LabelledDataset``, ...).
+        indices: ``(M,)`` positions in ``dataset``; item ``j`` of the view is
+            item ``indices[j]`` of ``dataset``. Batches keep the underlying
+            ``index`` (so CTF tables and STAR rows stay addressable).
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray):
+        self.dataset = dataset
+        self.indices = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(dataset)):
+            raise IndexError(f"subset indices must lie in [0, {len(dataset)})")
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getattr__(self, name):  # box, pixel_size, source, ... of the wrapped dataset
+        if name in ("dataset", "indices") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def storage_order(self) -> np.ndarray:
+        """``(M,)`` positions of this view sorted by the underlying on-disk order.
+
+        The underlying dataset's ``storage_order()`` when it has one, else its index order.
+        """
+        order_of = getattr(self.dataset, "storage_order", None)
+        if order_of is None:
+            return np.argsort(self.indices, kind="stable").astype(np.int64)
+        rank = np.empty(len(self.dataset), dtype=np.int64)
+        rank[order_of()] = np.arange(len(self.dataset), dtype=np.int64)
+        return np.argsort(rank[self.indices], kind="stable").astype(np.int64)
+
+    def __getitem__(self, j: int):
+        return self.dataset[int(self.indices[int(j)])]
+
+    def __getitems__(self, positions: Sequence[int]):
+        chosen = self.indices[np.asarray(positions, dtype=np.int64)]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(chosen)
+        return [self.dataset[int(i)] for i in chosen]
+
+
 class ParticleLoader(DataLoader):
     """A DataLoader that raises a worker's read error as the original one-line
     :class:`~particle_vae.errors.InputFileError` (see :class:`WorkerError`)."""
@@ -632,6 +714,8 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     persistent_workers: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ParticleLoader:
     """A DataLoader yielding ``{"images": (B, 1, box, box), "index": (B,)}`` batches.
 
@@ -639,6 +723,7 @@ def make_loader(
     on-disk order (call ``loader.batch_sampler.set_epoch(epoch)`` each epoch);
     ``shuffle=False`` uses :class:`SequentialBatchSampler` (input order, for
     inference). Each batch is fetched with one ``__getitems__`` call in a worker;
+    the loader never draws from the global torch random generator;
     a read error in a worker is raised in the main process as the original
     one-line InputFileError.
 
@@ -648,11 +733,13 @@ def make_loader(
         seed: sampler seed; chunk_size: consecutive particles read together.
         drop_last: drop a short final batch when shuffling.
         pin_memory, prefetch_factor, persistent_workers: passed to DataLoader.
+        rank, world_size: with ``shuffle=True``, yield only this rank's share
+            of each global batch of ``batch_size`` (see :class:`ChunkShuffleBatchSampler`).
     """
     if shuffle:
         order = dataset.storage_order() if hasattr(dataset, "storage_order") else None
         sampler: Sampler = ChunkShuffleBatchSampler(len(dataset), batch_size, chunk_size=chunk_size, seed=seed,
-                                                    drop_last=drop_last, order=order)
+                                                    drop_last=drop_last, order=order, rank=rank, world_size=world_size)
     else:
         sampler = SequentialBatchSampler(len(dataset), batch_size)
     extra = {}
@@ -660,5 +747,9 @@ def make_loader(
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
+    # The loader's own generator (it seeds the workers) keeps DataLoader from drawing from the global
+    # torch RNG each time an iterator starts, so that a run resumed inside an epoch samples exactly
+    # as one that was not interrupted.
+    generator = torch.Generator().manual_seed(int(seed))
     return ParticleLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, **extra)
+                          pin_memory=pin_memory, generator=generator, **extra)

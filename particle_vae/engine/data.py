@@ -5,7 +5,9 @@ and ``--resume`` rebuild exactly the data pipeline training saw:
 
 * particles: ``{"kind": "particles", "path", "datadir", "pixel_size",
   "preprocessing": {Preprocessing fields except box/pixel_size},
-  "label_column": optional STAR column with class labels}``
+  "label_column": optional STAR column with class labels,
+  "cache": optional {"path", "dtype"}: read the preprocessed images from one
+  contiguous cache file, built on first use (see particle_vae.data.cache)}``
 * benchmark: ``{"kind": "benchmark", "benchmark": "mnist-u", "mnist_dir",
   "split", "n", "seed", "labels": optional number of labelled images (the first ones)}``
 
@@ -50,15 +52,20 @@ class PreparedData:
     class_values: list | None = None
 
 
-def prepare_data(spec: dict, path_override: str | Path | None = None, source: ParticleSource | None = None) -> PreparedData:
+def prepare_data(spec: dict, path_override: str | Path | None = None, source: ParticleSource | None = None,
+                 num_workers: int = 0, context=None) -> PreparedData:
     """Build the dataset described by ``spec`` (see the module docstring).
 
     Args:
         spec: data settings.
         path_override: read particles from this input instead of ``spec["path"]``
-            (inference on another STAR with the same preprocessing).
+            (inference on another STAR with the same preprocessing); the cache
+            is not used then.
         source: the already opened particle source of ``spec`` (saves reading
             the stack headers again).
+        num_workers: reader processes while building a cache.
+        context: the :class:`~particle_vae.engine.distributed.DistContext`; a
+            cache is built by rank 0 while the other ranks wait.
     """
     if spec["kind"] == "benchmark":
         from particle_vae.data.benchmarks import make_benchmark
@@ -80,8 +87,19 @@ def prepare_data(spec: dict, path_override: str | Path | None = None, source: Pa
         path = path_override or spec["path"]
         source = open_source(path, datadir=spec.get("datadir"), pixel_size=spec.get("pixel_size"))
     prep = Preprocessing(box=source.box, pixel_size=source.pixel_size, **spec.get("preprocessing", {}))
-    dataset = ParticleDataset(source, transform=prep)
     steps = [source.describe()] + prep.describe()
+    cache = spec.get("cache") if path_override is None else None
+    if cache:
+        from particle_vae.data.cache import ensure_cache, open_cache
+        from particle_vae.engine.distributed import SINGLE, run_on_main
+
+        info = run_on_main(context or SINGLE, lambda: ensure_cache(source, spec.get("preprocessing", {}), cache["path"],
+                                                                   dtype=cache.get("dtype", "float16"), num_workers=num_workers))
+        dataset = open_cache(info)
+        steps.append(f"cache: {info.path} ({info.dtype}, {'built' if info.built else 'reused'}), "
+                     f"the preprocessed images in input order")
+    else:
+        dataset = ParticleDataset(source, transform=prep)
     classes = None
     if spec.get("label_column"):
         labels, classes = star_labels(source, spec["label_column"])
@@ -100,6 +118,7 @@ def star_labels(source: ParticleSource, column: str) -> tuple[np.ndarray, list]:
     values = pd.Series(source.star.particles[column]).reset_index(drop=True)
     present = values.notna() & (values.astype(str).str.strip() != "")
     classes = sorted(pd.unique(values[present]).tolist())
-    lookup = {value: i for i, value in enumerate(classes)}
-    labels = np.array([lookup[v] if ok else -1 for v, ok in zip(values, present)], dtype=np.int64)
+    labels = np.full(len(values), -1, dtype=np.int64)
+    mask = present.to_numpy(dtype=bool)
+    labels[mask] = pd.Index(classes).get_indexer(values[mask])
     return labels, classes

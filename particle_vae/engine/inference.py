@@ -9,6 +9,11 @@ Output columns (added to, or replacing those of, the input STAR):
 * ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
 * ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
   TARGET-VAE; other models add their own ``pvae*`` readouts.
+
+Under torchrun (several processes, see :mod:`particle_vae.engine.distributed`)
+every rank reads out one contiguous share of the particles; rank 0 gathers the
+shares in rank order, which is input order, and alone writes the STAR and the
+``.npz``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import torch
 from tqdm import tqdm
 
 from particle_vae.conventions import model_pose_to_relion
-from particle_vae.data.particles import make_loader
+from particle_vae.data.particles import IndexSubset, make_loader
+from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
-from particle_vae.engine.device import resolve_device
+from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
 from particle_vae.io.atomic import atomic_path, check_output_path
@@ -78,21 +84,40 @@ class InferenceResult:
 
 @torch.no_grad()
 def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256, device: torch.device | None = None,
-                  num_workers: int = 0) -> InferenceResult:
-    """Read out every particle of ``prepared.dataset`` in input order."""
+                  num_workers: int = 0, context: DistContext | None = None) -> InferenceResult | None:
+    """Read out every particle of ``prepared.dataset`` in input order.
+
+    With several ranks each reads out its contiguous share
+    (:func:`~particle_vae.engine.distributed.shard_bounds`) and the shares are
+    gathered on rank 0, which returns the whole result; other ranks return ``None``.
+    """
+    context = context or SINGLE
     device = device or torch.device("cpu")
     model.to(device).eval()
-    loader = make_loader(prepared.dataset, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    dataset = prepared.dataset
+    if context.distributed:
+        start, stop = ddp.shard_bounds(len(dataset), context)
+        dataset = IndexSubset(dataset, np.arange(start, stop, dtype=np.int64))
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     parts: dict[str, list] = {"theta": [], "t": [], "z_mean": [], "z_std": []}
     extras: dict[str, list] = {}
-    for batch in tqdm(loader, desc="inference", unit="batch", disable=None, leave=False):
+    for batch in tqdm(loader, desc="inference", unit="batch", disable=None if context.is_main else True, leave=False):
         out = model.readout(batch["images"].to(device, non_blocking=True))
         for key in parts:
             parts[key].append(getattr(out, key).float().cpu().numpy())
         for key, value in out.extra.items():
             extras.setdefault(key, []).append(value.float().cpu().numpy())
-    joined = {key: np.concatenate(value) for key, value in parts.items()}
-    return InferenceResult(extra={k: np.concatenate(v) for k, v in extras.items()}, **joined)
+    local = {"parts": parts, "extras": extras}
+    shards = ddp.gather_to_main(context, local)
+    if shards is None:
+        return None
+    shards = [shard for shard in shards if shard["parts"]["theta"]]  # a rank may have had no particles
+    if not shards:
+        raise ParticleVAEError("no particles to read out")
+    joined = {key: np.concatenate([a for shard in shards for a in shard["parts"][key]]) for key in parts}
+    extra_keys = list(shards[0]["extras"])
+    extra = {key: np.concatenate([a for shard in shards for a in shard["extras"][key]]) for key in extra_keys}
+    return InferenceResult(extra=extra, **joined)
 
 
 def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarray:
@@ -175,16 +200,21 @@ def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | Non
 
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
-              overwrite: bool = False) -> tuple[Path, Path]:
+              overwrite: bool = False, context: DistContext | None = None) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it.
+
+    With several ranks (``context``), each reads out a share and rank 0 writes
+    the files; every rank returns the same paths.
 
     Returns:
         ``(star path, npz path)``.
     """
+    context = context or SINGLE
     run = RunDirectory(run_path)
-    torch_device = resolve_device(device)
+    torch_device = ddp.device_for(context, device)
     model, config = load_model(run, checkpoint, torch_device)
     spec = dict(config["data"])
+    spec.pop("cache", None)  # inference reads the particles themselves (exact values, any --particles)
     if spec["kind"] == "benchmark":
         if particles is None:
             raise ParticleVAEError("this run was trained on a generated benchmark: pass --particles with a STAR from make-benchmark")
@@ -195,8 +225,9 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     if pixel_size is not None:
         spec["pixel_size"] = pixel_size
     inputs = tuple(p for p in (particles, spec.get("path")) if p is not None)
-    out_path = check_output_path(out_path, overwrite=overwrite, inputs=inputs)
-    npz_path = check_output_path(out_path.with_suffix(".npz"), overwrite=overwrite, inputs=inputs)
+    out_path, npz_path = ddp.run_on_main(context, lambda: (
+        check_output_path(out_path, overwrite=overwrite, inputs=inputs),
+        check_output_path(Path(out_path).with_suffix(".npz"), overwrite=overwrite, inputs=inputs)))
     prepared = prepare_data(spec, path_override=particles)
     if prepared.box != model.box:
         raise ParticleVAEError(
@@ -206,18 +237,24 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     model_apix = prepared.pixel_size if prepared.pixel_size is not None else config.get("pixel_size")
     if model_apix is None:
         raise ParticleVAEError(f"{prepared.source.path}: no pixel size known; pass --pixel-size")
-    for line in prepared.steps:
-        log.info("data: %s", line)
-    result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers)
-    if "predicted_class" in result.extra and config.get("class_values"):
-        result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
-    columns = result_columns(result, model_apix, pose=model.has_pose)
-    star = output_star(prepared, columns, out_path)
-    star.write(out_path, overwrite=True)
-    with atomic_path(npz_path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
-                     pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()},
-                     **{k: v for k, v in columns.items() if k.startswith("rln")})
-    log.info("wrote %s (%d particles) and %s", out_path, len(result.theta), npz_path)
+    if context.is_main:
+        for line in prepared.steps:
+            log.info("data: %s", line)
+    result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers, context=context)
+
+    def write() -> None:
+        if "predicted_class" in result.extra and config.get("class_values"):
+            result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
+        columns = result_columns(result, model_apix, pose=model.has_pose)
+        star = output_star(prepared, columns, out_path)
+        star.write(out_path, overwrite=True)
+        with atomic_path(npz_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
+                         pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()},
+                         **{k: v for k, v in columns.items() if k.startswith("rln")})
+        log.info("wrote %s (%d particles%s) and %s", out_path, len(result.theta),
+                 f", read out by {context.world_size} processes" if context.distributed else "", npz_path)
+
+    ddp.run_on_main(context, write)
     return out_path, npz_path

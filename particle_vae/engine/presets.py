@@ -9,18 +9,19 @@ from __future__ import annotations
 import math
 
 PRESETS: dict[str, dict] = {
-    # TARGET-VAE paper, MNIST(N)/(U): 50x50, 128 fields, kernel 28, padding 8,
-    # 2 generator layers, p(t) std 5 px; theta prior normal for MNIST(N).
+    # TARGET-VAE paper, MNIST(N)/(U): 50x50, 128 fields, kernel 28, padding 8, 1x1 layers shared
+    # across rotation channels (the authors' encoder), 2 x 512 generator with 1024 Fourier
+    # features (512 frequencies), p(t) std 5 px; theta prior normal for MNIST(N).
     "mnist": {
-        "model": {"n_fields": 128, "kernel": 28, "padding": 8, "gen_layers": 2, "gen_hidden": 512,
-                  "translation_prior_std": 5.0, "likelihood": "bernoulli"},
+        "model": {"n_fields": 128, "kernel": 28, "padding": 8, "mixing": "shared", "gen_layers": 2, "gen_hidden": 512,
+                  "n_fourier": 512, "translation_prior_std": 5.0, "likelihood": "bernoulli"},
         "preprocessing": {},
         "train": {"batch_size": 100, "lr": 1e-4, "val_fraction": 0.1},
     },
     # Particles (EMPIAR-10025 400 px boxes / 4, EMPIAR-10029 200 px / 2: both 100 px),
     # 6 generator layers, uniform prior over rotations, Gaussian likelihood.
     "particles": {
-        "model": {"n_fields": 128, "kernel": 65, "padding": 4, "gen_layers": 6, "gen_hidden": 512,
+        "model": {"n_fields": 128, "kernel": 65, "padding": 4, "mixing": "shared", "gen_layers": 6, "gen_hidden": 512,
                   "translation_prior_std": 5.0, "theta_prior": "uniform", "likelihood": "gaussian"},
         "preprocessing": {"target_box": 100, "normalize": "background"},
         "train": {"batch_size": 64, "lr": 1e-4, "val_fraction": 0.1},

@@ -5,6 +5,15 @@ stopping; a held-out validation split drawn from the training data with the
 run's seed; bf16 autocast and channels-last on CUDA; a checkpoint after every
 epoch written atomically, from which ``--resume`` continues exactly (model,
 optimiser, scheduler, random-number states and data order are all restored).
+
+Data-parallel (several processes started by torchrun, see
+:mod:`particle_vae.engine.distributed`): ``batch_size`` is the global batch;
+each rank trains on its share of every global batch through
+DistributedDataParallel, validation is split across ranks and its sums are
+added up, and only rank 0 writes the run directory. ``max_steps`` stops a run
+after that many optimiser steps, in the middle of an epoch if need be; the
+checkpoint then records how far the epoch got and ``--resume`` continues from
+the next batch.
 """
 
 from __future__ import annotations
@@ -18,18 +27,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from particle_vae.data.particles import make_loader
-from particle_vae.engine.device import resolve_device
+from particle_vae.data.particles import IndexSubset, make_loader
+from particle_vae.engine import distributed as ddp
+from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
-from particle_vae.models.base import PoseVAE, learnable_state, load_learnable_state
+from particle_vae.models.base import LossTerms, PoseVAE, learnable_state, load_learnable_state
 
 log = logging.getLogger(__name__)
 
 VALIDATION_SEED_OFFSET = 7919
+#: added (times the rank) to the seed of ranks other than 0, so their sampling noise differs
+RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -45,10 +57,14 @@ class TrainSettings:
         min_lr: the rate is never halved below this.
         early_stop_patience: epochs without improvement before stopping (0: never).
         seed: seeds the split, the data order, the model's initialisation and sampling.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (per rank).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         bf16: bf16 autocast on CUDA (ignored on CPU).
         channels_last: channels-last memory format on CUDA.
+        max_steps: stop after this many optimiser steps in all (``None``: no limit);
+            a run stopped inside an epoch resumes from the next batch.
+        batch_size is the *global* batch: with ``W`` data-parallel processes each
+        computes ``batch_size / W`` images per step.
     """
 
     epochs: int = 100
@@ -63,6 +79,7 @@ class TrainSettings:
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
+    max_steps: int | None = None
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +106,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
+    """This process's torch, numpy and Python random states, and its current CUDA device's.
+
+    Only the current device's CUDA state is kept: querying every visible GPU
+    would create a CUDA context on each of them in every data-parallel process.
+    """
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -99,8 +121,11 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+        elif "cuda" in state:  # checkpoints written before data-parallel training: every device's state
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -113,56 +138,97 @@ class Trainer:
         run: the run directory (config must already be written).
         ctf_for: optional callable ``index (B,) -> CTF (B, N, N//2+1)`` for
             CTF-aware likelihoods.
+        context: the distributed context (default: a single process). With
+            ``W > 1`` ranks the model is wrapped in DistributedDataParallel and
+            only rank 0 writes to ``run``.
+    Raises:
+        ParticleVAEError: ``batch_size`` not divisible by the number of processes.
     """
 
-    def __init__(self, model: PoseVAE, dataset: Dataset, settings: TrainSettings, run: RunDirectory, ctf_for=None):
+    def __init__(self, model: PoseVAE, dataset: Dataset, settings: TrainSettings, run: RunDirectory, ctf_for=None,
+                 context: DistContext | None = None):
         self.model, self.dataset, self.settings, self.run = model, dataset, settings, run
         self.ctf_for = ctf_for
+        self.context = context = context or SINGLE
+        world = context.world_size
+        if settings.batch_size % world:
+            raise ParticleVAEError(f"--batch-size {settings.batch_size} (the global batch) is not divisible by the {world} "
+                                   f"processes; use a multiple of {world}")
+        if settings.max_steps is not None and settings.max_steps < 1:
+            raise ParticleVAEError(f"--max-steps must be at least 1, got {settings.max_steps}")
         self.takes_labels = "labels" in inspect.signature(model.loss).parameters
-        self.device = resolve_device(settings.device)
+        self.device = ddp.device_for(context, settings.device)
         self.cuda = self.device.type == "cuda"
         self.model.to(self.device)
         if self.cuda and settings.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.ddp_model = ddp.wrap_ddp(self.model, context, self.device) if context.distributed else None
+        if context.rank > 0:  # different sampling noise on every rank; rank 0 keeps the single-process stream
+            seed_everything(settings.seed + RANK_SEED_STRIDE * context.rank)
         self.train_idx, self.val_idx = split_indices(len(dataset), settings.val_fraction, settings.seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.5, patience=settings.lr_patience, min_lr=settings.min_lr)
-        self.train_loader = make_loader(Subset(dataset, self.train_idx.tolist()), settings.batch_size, shuffle=True,
+        self.train_loader = make_loader(IndexSubset(dataset, self.train_idx), settings.batch_size, shuffle=True,
                                         num_workers=settings.num_workers, seed=settings.seed,
-                                        pin_memory=self.cuda, persistent_workers=settings.num_workers > 0)
-        self.val_loader = (make_loader(Subset(dataset, self.val_idx.tolist()), settings.batch_size, shuffle=False,
-                                       num_workers=settings.num_workers, pin_memory=self.cuda)
+                                        pin_memory=self.cuda, persistent_workers=settings.num_workers > 0,
+                                        rank=context.rank, world_size=world)
+        val_start, val_stop = ddp.shard_bounds(len(self.val_idx), context)
+        self.val_loader = (make_loader(IndexSubset(dataset, self.val_idx[val_start:val_stop]), max(settings.batch_size // world, 1),
+                                       shuffle=False, num_workers=settings.num_workers, pin_memory=self.cuda)
                            if len(self.val_idx) else None)
         self.start_epoch = 0
+        self.start_batch = 0
+        self.global_step = 0
         self.best_val = -math.inf
         self.stale_epochs = 0
 
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes the run directory (rank 0)."""
+        return self.context.is_main
+
     # -- state ---------------------------------------------------------------
     def resume(self) -> None:
-        """Restore the state saved after the last finished epoch."""
+        """Restore the state saved at the last checkpoint (every rank reads it)."""
         state = self.run.load_checkpoint("last")
         load_learnable_state(self.model, state["model"])
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch = int(state["epoch"]) + 1
+        complete = bool(state.get("epoch_complete", True))
+        self.start_epoch = int(state["epoch"]) + (1 if complete else 0)
+        self.start_batch = 0 if complete else int(state["batches_done"])
+        self.global_step = int(state.get("step", 0))
         self.best_val = float(state["best_val"])
         self.stale_epochs = int(state["stale_epochs"])
-        _set_rng_state(state["rng"])
-        rows = [row for row in self.run.read_metrics() if row["epoch"] < self.start_epoch]
-        self.run.write_metrics(rows)
-        log.info("resuming after epoch %d (best validation ELBO %.4f)", self.start_epoch, self.best_val)
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.context.world_size:
+            _set_rng_state(per_rank[self.context.rank])
+        elif self.context.rank == 0:
+            _set_rng_state(state["rng"])
+        else:  # resumed on a different number of processes: data order is kept, sampling noise is reseeded
+            seed_everything(self.settings.seed + RANK_SEED_STRIDE * self.context.rank + self.global_step)
+        if self.is_main:
+            rows = [row for row in self.run.read_metrics() if row["epoch"] < self.start_epoch]
+            self.run.write_metrics(rows)
+            where = f"epoch {self.start_epoch + 1}, batch {self.start_batch + 1}" if self.start_batch else f"epoch {self.start_epoch + 1}"
+            log.info("resuming at %s, step %d (best validation ELBO %.4f)", where, self.global_step, self.best_val)
 
-    def _checkpoint(self, epoch: int) -> dict:
+    def _checkpoint(self, epoch: int, batches_done: int, complete: bool) -> dict:
+        """The resumable state; collective (every rank must call it), complete on rank 0."""
+        rng_states = ddp.all_gather_objects(self.context, _rng_state())
         return {
-            "epoch": epoch, "model": learnable_state(self.model), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "best_val": self.best_val,
+            "epoch": epoch, "epoch_complete": complete, "batches_done": batches_done, "step": self.global_step,
+            "model": learnable_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
+            "world_size": self.context.world_size, "best_val": self.best_val,
             "stale_epochs": self.stale_epochs, "model_config": self.model.config_dict(),
         }
 
     # -- steps -----------------------------------------------------------------
-    def _batch_loss(self, batch: dict):
+    def _batch_loss(self, batch: dict, scale: float | None = None) -> tuple[LossTerms, int]:
+        """Loss of one (local) batch; ``scale`` (training under DDP) routes it through the DDP wrapper."""
         images = batch["images"].to(self.device, non_blocking=True)
         if self.cuda and self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -171,75 +237,127 @@ class Trainer:
         if "labels" in batch and self.takes_labels:
             extra["labels"] = batch["labels"].to(self.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.settings.bf16):
+            if scale is not None and self.ddp_model is not None:
+                loss, elbo, names, values = self.ddp_model(images, scale=scale, ctf=ctf, **extra)
+                return LossTerms(loss=loss, elbo=elbo, terms=dict(zip(names, values))), images.shape[0]
             return self.model.loss(images, ctf=ctf, **extra), images.shape[0]
 
-    def _run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
+    def _global_batch(self, number: int) -> int:
+        """Images in global training batch ``number`` of an epoch."""
+        return min(self.settings.batch_size, len(self.train_idx) - number * self.settings.batch_size)
+
+    def _reduce(self, totals: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Per-image averages of ``totals`` (sums over this rank's images) over all ranks."""
+        if not self.context.distributed:
+            return {key: float(value) / max(count, 1) for key, value in totals.items()}
+        keys = ddp.broadcast_object(self.context, sorted(totals))
+        local = torch.stack([totals[key].double() if key in totals else torch.zeros((), dtype=torch.float64) for key in keys]
+                            + [torch.tensor(float(count), dtype=torch.float64)])
+        summed = ddp.all_reduce_sum(self.context, local.cpu())
+        averages = {key: float(summed[i]) / max(float(summed[-1]), 1.0) for i, key in enumerate(keys)}
+        return ddp.broadcast_object(self.context, averages)  # bit-identical decisions on every rank
+
+    def _run_epoch(self, loader, train: bool, desc: str, first_batch: int = 0) -> tuple[dict[str, float], int, int]:
+        """One pass over ``loader``.
+
+        Returns:
+            ``(metrics, batches run, images run over all ranks)``; a training pass
+            stops early when ``max_steps`` is reached.
+        """
         totals: dict[str, torch.Tensor] = {}
-        count = 0
+        count, batches, images_run = 0, 0, 0
+        world = self.context.world_size
+        if self.ddp_model is not None:
+            self.ddp_model.train(train)
         self.model.train(train)
-        bar = tqdm(total=len(loader.dataset), desc=desc, leave=False, unit="img", disable=None)
+        bar = tqdm(total=len(loader.dataset), initial=min(first_batch * self.settings.batch_size, len(loader.dataset)) if train else 0,
+                   desc=desc, leave=False, unit="img", disable=None if self.is_main else True)
+        max_steps = self.settings.max_steps
         for batch in loader:
+            if train and max_steps is not None and self.global_step >= max_steps:
+                break
             if train:
-                terms, n = self._batch_loss(batch)
-                if not torch.isfinite(terms.loss):
+                n_global = self._global_batch(first_batch + batches)
+                scale = batch["images"].shape[0] * world / n_global if self.ddp_model is not None else None
+                terms, n = self._batch_loss(batch, scale=scale)
+                if ddp.any_rank(self.context, not bool(torch.isfinite(terms.loss))):
                     raise ParticleVAEError("the loss became NaN or infinite; lower --lr, check the input for outliers, or change the normalisation")
                 self.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 self.optimizer.step()
+                self.global_step += 1
+                images_run += n_global
             else:
                 with torch.no_grad():
                     terms, n = self._batch_loss(batch)
+                images_run += n
             values = {"elbo": terms.elbo.detach(), **{k: v.detach() for k, v in terms.terms.items()}}
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value.float() * n
             count += n
-            bar.update(n)
+            batches += 1
+            bar.update(n * world if train else n)
             if train and not bar.disable:
                 bar.set_postfix(elbo=f"{float(terms.elbo):.2f}")
         bar.close()
-        return {key: float(value) / max(count, 1) for key, value in totals.items()}
+        return self._reduce(totals, count), batches, images_run
 
     def _validate(self, epoch: int) -> dict[str, float]:
         """Validation metrics with a fixed sampling seed, leaving the training RNG untouched."""
         devices = [self.device] if self.cuda else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.settings.seed + VALIDATION_SEED_OFFSET)
-            return self._run_epoch(self.val_loader, train=False, desc=f"epoch {epoch + 1} validation")
+            torch.manual_seed(self.settings.seed + VALIDATION_SEED_OFFSET + RANK_SEED_STRIDE * self.context.rank)
+            return self._run_epoch(self.val_loader, train=False, desc=f"epoch {epoch + 1} validation")[0]
 
     # -- loop ------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        """Train until ``epochs`` or early stopping; returns the metrics of this call's epochs."""
+        """Train until ``epochs``, ``max_steps`` or early stopping; returns the metrics of this call's epochs."""
         settings = self.settings
         rows = []
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, settings.epochs):
-            self.train_loader.batch_sampler.set_epoch(epoch)
-            start = time.perf_counter()
-            train = self._run_epoch(self.train_loader, train=True, desc=f"epoch {epoch + 1}/{settings.epochs}")
-            seconds = time.perf_counter() - start
-            val = self._validate(epoch) if self.val_loader is not None else {}
-            score = val.get("elbo", train["elbo"])
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step(score)
-            improved = score > self.best_val
-            if improved:
-                self.best_val, self.stale_epochs = score, 0
-            else:
-                self.stale_epochs += 1
-            row = {"epoch": epoch, "lr": lr, "time_s": round(seconds, 3),
-                   "images_per_s": round(len(self.train_idx) / max(seconds, 1e-9), 2),
-                   **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
-            state = self._checkpoint(epoch)
-            if improved:
-                self.run.save_checkpoint(self.run.best_checkpoint, {"epoch": epoch, "model": state["model"],
-                                                                    "model_config": state["model_config"]})
-            self.run.save_checkpoint(self.run.last_checkpoint, state)
-            self.run.append_metrics(row)
-            rows.append(row)
-            log.info("epoch %d/%d: train ELBO %.3f, validation ELBO %s, lr %.2g, %.1f images/s%s", epoch + 1, settings.epochs,
-                     train["elbo"], f"{val['elbo']:.3f}" if val else "n/a", lr, row["images_per_s"], " (best)" if improved else "")
-            if settings.early_stop_patience and self.stale_epochs >= settings.early_stop_patience:
-                log.info("stopping early: no validation improvement for %d epochs", self.stale_epochs)
+            if settings.max_steps is not None and self.global_step >= settings.max_steps:
                 break
+            first_batch = self.start_batch if epoch == self.start_epoch else 0
+            self.train_loader.batch_sampler.set_epoch(epoch, start_batch=first_batch)
+            start = time.perf_counter()
+            train, batches, images_run = self._run_epoch(self.train_loader, train=True, desc=f"epoch {epoch + 1}/{settings.epochs}",
+                                                         first_batch=first_batch)
+            seconds = time.perf_counter() - start
+            batches_done = first_batch + batches
+            complete = batches >= len(self.train_loader.batch_sampler)
+            val = self._validate(epoch) if self.val_loader is not None else {}
+            score = val.get("elbo", train.get("elbo", -math.inf))
+            lr = self.optimizer.param_groups[0]["lr"]
+            improved = False
+            if complete:  # a partial epoch (max_steps) is reported but moves no schedule, so resuming stays exact
+                self.scheduler.step(score)
+                improved = score > self.best_val
+                if improved:
+                    self.best_val, self.stale_epochs = score, 0
+                else:
+                    self.stale_epochs += 1
+            row = {"epoch": epoch, "step": self.global_step, "lr": lr, "time_s": round(seconds, 3),
+                   "images_per_s": round(images_run / max(seconds, 1e-9), 2),
+                   **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
+            if not complete:
+                row["partial"] = True
+            state = self._checkpoint(epoch, batches_done, complete)
+            if self.is_main:
+                if improved:
+                    self.run.save_checkpoint(self.run.best_checkpoint, {"epoch": epoch, "model": state["model"],
+                                                                        "model_config": state["model_config"]})
+                self.run.save_checkpoint(self.run.last_checkpoint, state)
+                self.run.append_metrics(row)
+                log.info("epoch %d/%d%s: train ELBO %.3f, validation ELBO %s, lr %.2g, %.1f images/s%s", epoch + 1, settings.epochs,
+                         "" if complete else f" (stopped at step {self.global_step}, --max-steps)", train.get("elbo", math.nan),
+                         f"{val['elbo']:.3f}" if val else "n/a", lr, row["images_per_s"], " (best)" if improved else "")
+            rows.append(row)
+            if not complete:
+                break
+            if settings.early_stop_patience and self.stale_epochs >= settings.early_stop_patience:
+                if self.is_main:
+                    log.info("stopping early: no validation improvement for %d epochs", self.stale_epochs)
+                break
+        ddp.barrier(self.context)
         return rows
-

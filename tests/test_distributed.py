@@ -1,0 +1,262 @@
+"""Data-parallel training and sharded inference: 2 CPU processes (gloo) against 1.
+
+What is compared, and why it can be compared exactly:
+
+* The global batch is the same: with ``W`` processes the chunk-shuffle sampler
+  hands rank ``r`` the ``r``-th contiguous slice of every global batch of the
+  single-process run, and DDP averages gradients of per-rank means scaled by
+  ``n_rank * W / n_global``, i.e. the gradient of the global batch mean.
+* The sampling noise is not the same: a rank draws its reparameterisation
+  noise from its own generator, so rank 1's noise for image ``i`` differs from
+  the single process's. The equivalence test therefore runs with the noise
+  switched off (``torch.randn_like`` returns zeros, so ``z`` is the posterior
+  mean): the objective is then a deterministic function of the parameters and
+  the batch, and losses, validation metrics and parameters after several steps
+  must agree up to float rounding (summation order).
+* With the noise on, the test checks what DDP guarantees: every rank holds the
+  same parameters after every step, and a run stopped by ``max_steps`` in the
+  middle of an epoch and resumed gives bit-identical parameters to one that
+  was not interrupted (every rank's random state is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+import torch
+import torch.multiprocessing as mp
+
+from particle_vae import cli
+from particle_vae.data.particles import ChunkShuffleBatchSampler, ParticleDataset
+from particle_vae.engine.distributed import DistContext, launch_argv, shard_bounds, split_counts
+from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
+from particle_vae.errors import ParticleVAEError
+from particle_vae.io.mrc import write_stack
+from particle_vae.io.star import image_name, make_particle_star
+from particle_vae.models.vae import VAE, VAEConfig
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES, BOX = 100, 16
+# 75 training images in global batches of 16: 16, 16, 16, 16, 11 (the last split 6 + 5 over two ranks)
+SETTINGS = dict(epochs=2, batch_size=16, lr=3e-3, val_fraction=0.25, seed=5, device="cpu", early_stop_patience=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _random_stack(folder: Path) -> Path:
+    images = np.random.default_rng(0).normal(size=(N_IMAGES, BOX, BOX)).astype(np.float32)
+    return write_stack(folder / "random.mrcs", images, pixel_size=2.0)
+
+
+def _vae() -> VAE:
+    return VAE(VAEConfig(box=BOX, zdim=2, hidden=24, layers=1, likelihood="gaussian", gaussian_sigma=1.0))
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _train(stack: Path, run_dir: Path, context: DistContext, **overrides) -> tuple[list[dict], dict, Trainer]:
+    seed_everything(SETTINGS["seed"])
+    model = _vae()
+    run = RunDirectory(run_dir)
+    if context.is_main:
+        run.create(overwrite=True)
+    trainer = Trainer(model, ParticleDataset(stack), TrainSettings(**{**SETTINGS, **overrides}), run, context=context)
+    return trainer.fit(), _params(model), trainer
+
+
+def _resumed(stack: Path, run_dir: Path, context: DistContext) -> dict:
+    """Stop after 3 steps (inside epoch 1), then resume to the end in a new Trainer."""
+    _train(stack, run_dir, context, max_steps=3)
+    seed_everything(123)  # anything: resume must restore the states it needs
+    model = _vae()
+    trainer = Trainer(model, ParticleDataset(stack), TrainSettings(**SETTINGS), RunDirectory(run_dir), context=context)
+    trainer.resume()
+    assert trainer.start_epoch == 0 and trainer.start_batch == 3 and trainer.global_step == 3
+    trainer.fit()
+    return _params(model)
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of the 2-process run (started by torch.multiprocessing.spawn)."""
+    from particle_vae.engine import distributed as ddp
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    context = ddp.init_distributed("cpu")
+    folder = Path(folder)
+    stack = folder / "random.mrcs"
+    try:
+        # with sampling noise: identical parameters on every rank, exact mid-epoch resume
+        _, noisy, trainer = _train(stack, folder / "noisy", context)
+        assert trainer.ddp_model is not None and not trainer.ddp_model.find_unused_parameters
+        resumed = _resumed(stack, folder / "noisy_resumed", context)
+        gathered = ddp.all_gather_objects(context, noisy)
+        # without sampling noise: comparable with one process
+        real_randn_like = torch.randn_like
+        torch.randn_like = lambda tensor, *args, **kwargs: torch.zeros_like(tensor)
+        try:
+            rows, quiet, _ = _train(stack, folder / "quiet", context)
+        finally:
+            torch.randn_like = real_randn_like
+        if context.is_main:
+            same_on_ranks = all(torch.equal(gathered[0][k], gathered[1][k]) for k in noisy)
+            resume_exact = all(torch.equal(noisy[k], resumed[k]) for k in noisy)
+            torch.save({"rows": rows, "params": quiet, "same_on_ranks": same_on_ranks, "resume_exact": resume_exact},
+                       folder / "result.pt")
+    finally:
+        ddp.cleanup(context)
+
+
+def test_two_gloo_processes_match_one_process(tmp_path: Path, monkeypatch):
+    stack = _random_stack(tmp_path)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["same_on_ranks"], "parameters differ between ranks after training"
+    assert result["resume_exact"], "a 2-process run resumed mid-epoch differs from the uninterrupted run"
+
+    monkeypatch.setattr(torch, "randn_like", lambda tensor, *args, **kwargs: torch.zeros_like(tensor))
+    torch.set_num_threads(1)
+    rows, params, trainer = _train(stack, tmp_path / "single", DistContext())
+    assert [r["step"] for r in rows] == [r["step"] for r in result["rows"]] == [5, 10]
+    for one, two in zip(rows, result["rows"]):
+        for key in ("train_elbo", "train_recon", "train_kl_z", "val_elbo", "val_recon", "val_kl_z", "lr"):
+            assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-5), key
+    for name, value in params.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # the parameters did move: the comparison is not between two untouched initialisations
+    seed_everything(SETTINGS["seed"])
+    initial = _params(_vae())
+    assert max(float((params[k] - initial[k]).abs().max()) for k in params) > 1e-2
+    # only rank 0 wrote the run directory: one metrics line per epoch, checkpoints present
+    quiet = RunDirectory(tmp_path / "quiet")
+    assert [r["epoch"] for r in quiet.read_metrics()] == [0, 1]
+    assert quiet.last_checkpoint.exists() and quiet.best_checkpoint.exists()
+    state = torch.load(quiet.last_checkpoint, weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2 and state["step"] == 10
+
+
+def test_rank_slices_of_the_chunk_sampler_make_up_the_single_process_batches():
+    single = list(ChunkShuffleBatchSampler(203, 32, chunk_size=8, seed=4))
+    ranks = [ChunkShuffleBatchSampler(203, 32, chunk_size=8, seed=4, rank=r, world_size=4) for r in range(4)]
+    per_rank = [list(sampler) for sampler in ranks]
+    assert all(len(batches) == len(single) == len(sampler) for batches, sampler in zip(per_rank, ranks))
+    for t, batch in enumerate(single):
+        assert sum((per_rank[r][t] for r in range(4)), []) == batch
+    # a rank's slice keeps the runs of consecutive images (8 per chunk, slices of 8)
+    assert all(np.all(np.diff(np.sort(b)) == 1) or len(set(np.diff(b))) <= 2 for b in per_rank[1][:-1])
+    # a final global batch smaller than the number of ranks is skipped by every rank
+    tiny = [list(ChunkShuffleBatchSampler(34, 16, rank=r, world_size=4)) for r in range(4)]
+    assert all(len(batches) == 2 for batches in tiny)
+    # resuming inside an epoch
+    sampler = ChunkShuffleBatchSampler(203, 32, chunk_size=8, seed=4)
+    sampler.set_epoch(0, start_batch=3)
+    assert list(sampler) == single[3:] and len(sampler) == len(single) - 3
+
+
+def test_shards_cover_the_input_in_order():
+    for n in (0, 1, 7, 100):
+        for world in (1, 2, 3):
+            bounds = [shard_bounds(n, DistContext(rank=r, world_size=world)) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert [b - a for a, b in bounds] == split_counts(n, world)
+
+
+def test_global_batch_must_divide_by_the_number_of_processes(tmp_path: Path):
+    stack = _random_stack(tmp_path)
+    with pytest.raises(ParticleVAEError, match="not divisible by the 3 processes"):
+        Trainer(_vae(), ParticleDataset(stack), TrainSettings(**SETTINGS), RunDirectory(tmp_path / "run"),
+                context=DistContext(rank=0, world_size=3, backend="gloo"))
+
+
+def test_gpus_option_refuses_without_cuda(tmp_path: Path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    stack = _random_stack(tmp_path)
+    assert cli.main(["train", str(stack), "--model", "vae", "--gpus", "2", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sees no CUDA GPU" in err[0] and "--ddp-cpu-processes" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_command_line_reproduces_the_options():
+    parser = cli.build_parser()
+    args = parser.parse_args(["-q", "train", "in.star", "--out", "r", "--no-bf16", "--invert", "--batch-size", "8",
+                              "--ddp-cpu-processes", "2", "--max-steps", "5"])
+    argv = launch_argv(args, args._launch_parser, "train", overrides={"device": "cpu"})
+    assert argv[:2] == ["-q", "train"] and argv[-1] == "in.star"
+    assert "--ddp-cpu-processes" not in argv and "--no-bf16" in argv and "--invert" in argv
+    again = parser.parse_args(argv)
+    for name in ("out", "bf16", "invert", "batch_size", "max_steps", "input"):
+        assert getattr(again, name) == getattr(args, name), name
+    assert again.device == "cpu" and again.ddp_cpu_processes is None
+
+
+@pytest.fixture(scope="module")
+def particles(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp_cli")
+    images = np.random.default_rng(1).normal(size=(48, 20, 20)).astype(np.float32)
+    write_stack(folder / "p.mrcs", images, pixel_size=3.0)
+    star = make_particle_star([image_name(i, "p.mrcs") for i in range(48)], pixel_size=3.0, box=20)
+    return star.write(folder / "p.star")
+
+
+def _cli(args: list[str]):
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "particle_vae", "-q", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _cli_worker(rank: int, world: int, ports: tuple[int, int], commands: list[list[str]]) -> None:
+    """One rank running ``particle-vae`` commands in turn, as torchrun would start it."""
+    torch.set_num_threads(1)
+    for port, argv in zip(ports, commands):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        assert cli.main(argv) == 0, argv
+
+
+def test_cli_ddp_train_resume_and_sharded_infer(particles: Path, tmp_path: Path):
+    """TARGET-VAE (e2cnn) on 2 CPU processes: ``--ddp-cpu-processes 2`` relaunches
+    through torchrun and stops at ``--max-steps`` inside an epoch; the run is
+    resumed by 2 ranks and read out by 2 ranks, and the sharded STAR equals the
+    one written by 1 process."""
+    run = tmp_path / "run"
+    tiny = ["--preset", "tiny", "--fields", "4", "--gen-hidden", "16", "--fourier-features", "8", "--group", "4",
+            "--batch-size", "8", "--seed", "2"]
+    done = _cli(["train", str(particles), *tiny, "--epochs", "1", "--max-steps", "3", "--ddp-cpu-processes", "2", "--out", str(run)])
+    assert done.returncode == 0, done.stderr
+    rows = RunDirectory(run).read_metrics()
+    assert len(rows) == 1 and rows[0]["partial"] and rows[0]["step"] == 3
+
+    one, two = tmp_path / "one.star", tmp_path / "two.star"
+    commands = [["-q", "train", "--out", str(run), "--resume", "--epochs", "2", "--max-steps", "100", "--device", "cpu"],
+                ["-q", "infer", str(run), "--out", str(two), "--batch-size", "5", "--device", "cpu"]]
+    mp.spawn(_cli_worker, args=(2, (_free_port(), _free_port()), commands), nprocs=2, join=True)
+    rows = RunDirectory(run).read_metrics()
+    # 43 training images in global batches of 8: 6 steps per epoch
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["step"] == 12 and "partial" not in rows[-1]
+    assert "resuming at epoch 1, batch 4" in (run / "train.log").read_text()
+
+    assert cli.main(["-q", "infer", str(run), "--out", str(one), "--device", "cpu"]) == 0
+    a, b = starfile.read(one)["particles"], starfile.read(two)["particles"]
+    assert list(a.columns) == list(b.columns) and (a["rlnImageName"] == b["rlnImageName"]).all()
+    for column in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "pvaeZ1", "pvaeZ2", "pvaePoseConfidence"):
+        np.testing.assert_allclose(b[column], a[column], rtol=1e-4, atol=1e-3, err_msg=column)
+    assert np.ptp(a["pvaeZ1"]) > 0  # per-particle values, so order matters
+    assert not list(tmp_path.glob(".*.tmp"))
