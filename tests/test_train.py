@@ -244,3 +244,16 @@ def test_max_steps_stops_inside_an_epoch_and_resume_continues_exactly(simulated,
     final_a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)["model"]
     final_b = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_bf16_precision_on_cpu_trains_with_shared_mixing_and_is_recorded(simulated, tmp_path):
+    """--precision bf16 runs the autocast path on the CPU (and the patch-product first layer);
+    the run still learns and records the setting so that --resume keeps it."""
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "3", "--lr", "3e-3", "--precision", "bf16", "--mixing", "shared",
+                  "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["precision"] == "bf16" and config["model"]["mixing"] == "shared"
+    rows = RunDirectory(run).read_metrics()
+    assert all(math.isfinite(r["train_elbo"]) for r in rows)
+    assert rows[-1]["train_elbo"] > rows[0]["train_elbo"]

@@ -23,6 +23,7 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
+from particle_vae.engine.device import cpu_has_fast_bf16, resolve_device
 from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR, PRESETS, resolve_kernel
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
@@ -37,7 +38,7 @@ MODEL_OPTIONS = {
     "encoder": "encoder", "rotation": "rotation", "translation_prior_std": "translation_prior_std",
     "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
     "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
-    "gumbel_temperature": "gumbel_temperature", "likelihood_mask": "mask_radius", "beta": "beta",
+    "gumbel_temperature": "gumbel_temperature", "mixing": "mixing", "likelihood_mask": "mask_radius", "beta": "beta",
     "enc_hidden": "enc_hidden", "enc_layers": "enc_layers", "enc_channels": "enc_channels",
     "clusters": "n_clusters", "cluster_dim": "cluster_dim", "lie_group": "group", "invariance_weight": "invariance_weight",
     "invariance_translation": "invariance_translation",
@@ -66,6 +67,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--fields", type=int, help="encoder hidden fields (paper: 128)")
     model.add_argument("--kernel", type=int, help="encoder kernel, pixels (paper MNIST: 28)")
     model.add_argument("--padding", type=int, help="encoder padding, pixels (paper MNIST: 8)")
+    model.add_argument("--mixing", choices=["full", "shared"],
+                       help="TARGET-VAE encoder 1x1 layers: shared across rotation channels (the authors'; mnist/particles presets) "
+                            "or full e2cnn regular-to-regular kernels (8x the cost at P8; default of other settings)")
     model.add_argument("--encoder", choices=["group", "plain", "mlp", "conv"],
                        help="TARGET-VAE: group (default) or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp (default) or conv")
     model.add_argument("--enc-hidden", type=int, help="spatial-VAE: inference MLP width")
@@ -118,7 +122,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes")
     train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="no bf16 autocast on CUDA")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="auto (default): bf16 autocast on CUDA, float32 on CPU; bf16: also on CPU (fast on CPUs with "
+                            "AVX512-BF16/AMX); fp32: never")
+    train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="same as --precision fp32")
     train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (also inside an epoch; --resume continues)")
 
     from particle_vae.engine.distributed import add_launch_args
@@ -247,6 +254,10 @@ def _main(args: argparse.Namespace, context) -> int:
             if getattr(args, option) is not None:
                 train_settings[option] = getattr(args, option)
         train_settings["bf16"] = args.bf16
+        if args.precision is not None:
+            train_settings["precision"] = args.precision
+        if train_settings.get("precision") == "bf16" and resolve_device(args.device or "auto").type == "cpu" and not cpu_has_fast_bf16():
+            log.warning("--precision bf16: this CPU has no bf16 matrix instructions (AVX512-BF16/AMX), bf16 will be slower than fp32")
         config = {"data": spec, "train": vars(TrainSettings(**train_settings)), "ctf": bool(args.ctf)}
         ddp.run_on_main(context, lambda: run.create(overwrite=args.overwrite))
     handler = _attach_log(run, args.resume) if context.is_main else None

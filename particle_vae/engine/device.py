@@ -24,3 +24,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ParticleVAEError(f"--device {name} is not supported; use auto, cpu or cuda[:N]")
     return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), so that
+    ``--precision bf16`` speeds training up instead of slowing it down."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -59,7 +59,10 @@ class TrainSettings:
         seed: seeds the split, the data order, the model's initialisation and sampling.
         num_workers: DataLoader worker processes (per rank).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        bf16: bf16 autocast on CUDA (ignored on CPU).
+        bf16: allow bf16 autocast (``False``: never, as ``precision="fp32"``).
+        precision: ``"auto"`` (bf16 autocast on CUDA, float32 on CPU), ``"bf16"``
+            (bf16 autocast on CUDA and CPU: several times faster on CPUs with
+            AVX512-BF16 or AMX) or ``"fp32"``.
         channels_last: channels-last memory format on CUDA.
         max_steps: stop after this many optimiser steps in all (``None``: no limit);
             a run stopped inside an epoch resumes from the next batch.
@@ -78,6 +81,7 @@ class TrainSettings:
     num_workers: int = 0
     device: str = "auto"
     bf16: bool = True
+    precision: str = "auto"
     channels_last: bool = True
     max_steps: int | None = None
 
@@ -226,6 +230,12 @@ class Trainer:
             "stale_epochs": self.stale_epochs, "model_config": self.model.config_dict(),
         }
 
+    @property
+    def uses_bf16(self) -> bool:
+        """Whether steps run under bf16 autocast (see ``TrainSettings.precision``)."""
+        precision = self.settings.precision
+        return self.settings.bf16 and (precision == "bf16" or (precision == "auto" and self.cuda))
+
     # -- steps -----------------------------------------------------------------
     def _batch_loss(self, batch: dict, scale: float | None = None) -> tuple[LossTerms, int]:
         """Loss of one (local) batch; ``scale`` (training under DDP) routes it through the DDP wrapper."""
@@ -236,7 +246,7 @@ class Trainer:
         extra = {}
         if "labels" in batch and self.takes_labels:
             extra["labels"] = batch["labels"].to(self.device)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.settings.bf16):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16):
             if scale is not None and self.ddp_model is not None:
                 loss, elbo, names, values = self.ddp_model(images, scale=scale, ctf=ctf, **extra)
                 return LossTerms(loss=loss, elbo=elbo, terms=dict(zip(names, values))), images.shape[0]
