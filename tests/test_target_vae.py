@@ -696,9 +696,10 @@ def test_learnable_state_excludes_e2cnn_buffers():
         assert value.device.type == "cpu"
 
 
+@pytest.mark.parametrize("mixing", ["full", "shared"])
 @pytest.mark.parametrize("fresh_eval_first", [False, True])
-def test_checkpoint_round_trip(tmp_path, fresh_eval_first):
-    model = make_model(seed=17, likelihood="gaussian", gaussian_sigma=None)
+def test_checkpoint_round_trip(tmp_path, fresh_eval_first, mixing):
+    model = make_model(seed=17, likelihood="gaussian", gaussian_sigma=None, mixing=mixing)
     # move the weights away from their initial values so that a fresh model differs
     with torch.no_grad():
         for p in model.parameters():
