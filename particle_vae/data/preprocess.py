@@ -62,7 +62,9 @@ def fourier_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
         raise ValueError(f"fourier_crop cannot enlarge images ({box} -> {new_box})")
     if new_box == box:
         return images
-    work = images.to(torch.float64)
+    # float32 input is transformed in single precision (relative error ~1e-6, 4 times faster than
+    # double precision, which keeps the lazy reader well ahead of GPU training); anything else in double
+    work = images if images.dtype == torch.float32 else images.to(torch.float64)
     spectrum = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(work, dim=(-2, -1))), dim=(-2, -1))
     start = box // 2 - new_box // 2
     cropped = spectrum[..., start:start + new_box, start:start + new_box]
