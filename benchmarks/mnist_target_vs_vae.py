@@ -57,6 +57,47 @@ def model_configs(args, box: int) -> dict[str, dict]:
             "spatial-vae": spatial, "mce-vae": mce}
 
 
+def train_model(config: dict, images, run_dir: Path, *, epochs: int, batch_size: int, lr: float, seed: int,
+                device: str = "auto", data_meta: dict | None = None):
+    """Train one model on ``images`` ``(N, H, W)`` into ``run_dir`` (10% held out).
+
+    Returns ``(model with its best checkpoint loaded, metrics rows, train seconds, torch device)``.
+    """
+    from particle_vae.models.base import load_learnable_state
+
+    seed_everything(seed)
+    model = build_model(config)
+    run = RunDirectory(run_dir)
+    run.create(overwrite=True)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=0.1, seed=seed, device=device,
+                             early_stop_patience=0)
+    run.write_config({"model": model.config_dict(), "train": vars(settings), "data": data_meta or {},
+                      "pixel_size": 1.0, "box": int(images.shape[-1])})
+    trainer = Trainer(model, ArrayDataset(images), settings, run)
+    start = time.perf_counter()
+    rows = trainer.fit()
+    seconds = time.perf_counter() - start
+    load_learnable_state(model, run.load_checkpoint("best")["model"])
+    return model, rows, seconds, trainer.device
+
+
+def train_and_score(name: str, config: dict, train_set, test_set, canonical, run_dir: Path, *, epochs: int,
+                    batch_size: int, lr: float, seed: int, device: str = "auto", data_meta: dict | None = None) -> dict:
+    """Train ``config`` on ``train_set.images`` and score it on ``test_set`` (poses relative to ``canonical``).
+
+    Returns the results entry: ``scores`` (rotation/translation correlation, clustering accuracy, n),
+    ``train_seconds``, ``final_val_elbo``, ``parameters``.
+    """
+    model, rows, seconds, torch_device = train_model(config, train_set.images, run_dir, epochs=epochs,
+                                                     batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                                     data_meta=data_meta)
+    scores = evaluate_transformed_set(model, test_set.images, canonical, test_set.alpha, test_set.displacement,
+                                      test_set.labels, device=torch_device, seed=seed)
+    log.info("%s: %s (%.0f s)", name, scores.as_dict(), seconds)
+    return {"scores": scores.as_dict(), "train_seconds": round(seconds, 1), "final_val_elbo": rows[-1].get("val_elbo"),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="reference-data folder holding mnist/ (or $PARTICLE_VAE_DATA)")
@@ -96,30 +137,11 @@ def main(argv=None) -> dict:
                             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                "date": time.strftime("%Y-%m-%d"), "models": {}}
     for name in args.models.split(","):
-        seed_everything(args.seed)
-        model = build_model(configs[name])
-        run = RunDirectory(args.out / name)
-        run.create(overwrite=True)
-        settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=0.1,
-                                 seed=args.seed, device=args.device, early_stop_patience=0)
-        run.write_config({"model": model.config_dict(), "train": vars(settings),
-                          "data": {"kind": "benchmark", "benchmark": args.dataset, "mnist_dir": str(mnist_dir),
-                                   "split": "train", "n": args.n_train, "seed": args.seed}, "pixel_size": 1.0,
-                          "box": train_set.box})
-        trainer = Trainer(model, ArrayDataset(train_set.images), settings, run)
-        start = time.perf_counter()
-        rows = trainer.fit()
-        seconds = time.perf_counter() - start
-        best = run.load_checkpoint("best")
-        from particle_vae.models.base import load_learnable_state
-
-        load_learnable_state(model, best["model"])
-        scores = evaluate_transformed_set(model, test_set.images, canonical, test_set.alpha, test_set.displacement,
-                                          test_set.labels, device=trainer.device, seed=args.seed)
-        results["models"][name] = {"scores": scores.as_dict(), "train_seconds": round(seconds, 1),
-                                   "final_val_elbo": rows[-1].get("val_elbo"),
-                                   "parameters": sum(p.numel() for p in model.parameters())}
-        log.info("%s: %s (%.0f s)", name, scores.as_dict(), seconds)
+        results["models"][name] = train_and_score(
+            name, configs[name], train_set, test_set, canonical, args.out / name,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+            data_meta={"kind": "benchmark", "benchmark": args.dataset, "mnist_dir": str(mnist_dir), "split": "train",
+                       "n": args.n_train, "seed": args.seed})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     def fmt(value: float) -> str:

@@ -12,7 +12,8 @@ import torch
 from particle_vae import cli
 from particle_vae.analysis import clustering
 from particle_vae.analysis.averages import traversal_values
-from particle_vae.conventions import apply_relion_pose, pixel_grid
+from particle_vae.analysis.metrics import image_centre_of_mass
+from particle_vae.conventions import apply_relion_pose, fourier_shift, pixel_grid, undo_relion_pose
 from particle_vae.io.mrc import MRCStack, write_stack
 from particle_vae.io.star import ParticleStar, image_name, make_particle_star
 
@@ -51,7 +52,7 @@ def test_analyze_with_a_run_writes_every_output(trained, tmp_path):
     # every input row and column, the optics block, and 1-based classes
     assert len(clustered) == len(source) == 96
     for column in source.particles.columns:
-        if column != "rlnImageName":
+        if column not in ("rlnImageName", "rlnOriginXAngst", "rlnOriginYAngst"):  # origins: re-centred (below)
             pd.testing.assert_series_equal(clustered.particles[column], source.particles[column], check_names=False)
     assert clustered.optics.equals(source.optics)
     classes = clustered.particles["rlnClassNumber"].to_numpy()
@@ -75,6 +76,11 @@ def test_analyze_with_a_run_writes_every_output(trained, tmp_path):
     np.testing.assert_allclose(class_star.particles["rlnClassDistribution"], np.array(counts) / 96, atol=1e-6)
     assert class_star.pixel_size() == pytest.approx(record["averages"]["pixel_size"])
     assert record["averages"]["aligned"] is True and record["averages"]["box"] == model_box
+    assert record["averages"]["centred"] is True and len(record["averages"]["centre_shift_px"]) == 3
+    moved = np.hypot(clustered.particles["rlnOriginXAngst"] - source.particles["rlnOriginXAngst"],
+                     clustered.particles["rlnOriginYAngst"] - source.particles["rlnOriginYAngst"]).to_numpy()
+    shift_angst = np.hypot(*np.array(record["averages"]["centre_shift_px"]).T) * record["averages"]["pixel_size"]
+    np.testing.assert_allclose(moved, shift_angst[classes - 1], atol=2e-3)  # a rotation of each class's shift (shifts rounded to 1e-4 px)
     assert class_star.image_locations().stack_paths[0].name == "class_averages.mrcs"
     centres = MRCStack(out / "cluster_centres.mrcs")
     assert (centres.n_images, centres.box) == (3, model_box)
@@ -147,7 +153,7 @@ def test_class_averages_undo_known_relion_poses(tmp_path):
     star_path = star.write(tmp_path / "posed.star")
 
     out = tmp_path / "analysis"
-    assert cli.main(["-q", "analyze", str(star_path), "--k", "2", "--normalize", "none", "--out", str(out)]) == 0
+    assert cli.main(["-q", "analyze", str(star_path), "--k", "2", "--normalize", "none", "--no-center", "--out", str(out)]) == 0
     classes = ParticleStar(out / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
     averages = MRCStack(out / "class_averages.mrcs").read(0, 2)
     assert averages.shape == (2, BOX, BOX)
@@ -158,14 +164,33 @@ def test_class_averages_undo_known_relion_poses(tmp_path):
         error = np.linalg.norm(averages[number - 1] - template) / np.linalg.norm(template)
         assert error < 0.06, (number, error)
     # undoing the opposite rotation does not give the template: the check has teeth
-    from particle_vae.conventions import undo_relion_pose
-
     wrong = undo_relion_pose(torch.as_tensor(particles[group == 0], dtype=torch.float64), -psi[group == 0],
                              origin[group == 0], APIX, mode="bicubic").mean(0).numpy()
     assert np.linalg.norm(wrong - templates[0].numpy()) / np.linalg.norm(templates[0].numpy()) > 0.3
     record = json.loads((out / "analysis.json").read_text())
     assert record["averages"]["aligned"] and record["averages"]["images"] == "raw particles, normalize=none"
     assert "cluster_centres" not in " ".join(record["outputs"].values())
+    assert record["averages"]["centred"] is False and record["averages"]["centre_shift_px"] is None
+
+    # by default the averages are centred on their centre of mass, and the written origins agree with them
+    centred_out = tmp_path / "centred"
+    assert cli.main(["-q", "analyze", str(star_path), "--k", "2", "--normalize", "none", "--out", str(centred_out)]) == 0
+    clustered = ParticleStar(centred_out / "clustered_particles.star").particles
+    centred = MRCStack(centred_out / "class_averages.mrcs").read(0, 2)
+    shifts = json.loads((centred_out / "analysis.json").read_text())["averages"]["centre_shift_px"]
+    assert np.hypot(*image_centre_of_mass(templates[0].numpy())) > 2.0  # off-centre: centring has something to do
+    for number in (1, 2):
+        template = templates[group[classes == number][0]]
+        com = image_centre_of_mass(template.numpy())
+        np.testing.assert_allclose(shifts[number - 1], -com, atol=0.15)
+        expected = fourier_shift(template, torch.as_tensor(-com)).numpy()
+        assert np.abs(image_centre_of_mass(centred[number - 1])).max() < 0.1
+        assert np.linalg.norm(centred[number - 1] - expected) / np.linalg.norm(expected) < 0.06
+        # undoing the new poses of the class's particles gives the centred template
+        rows = np.flatnonzero(classes == number)
+        redone = undo_relion_pose(torch.as_tensor(particles[rows], dtype=torch.float64), clustered["rlnAnglePsi"].to_numpy()[rows],
+                                  clustered[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()[rows], APIX, mode="bicubic")
+        assert np.linalg.norm(redone.mean(0).numpy() - expected) / np.linalg.norm(expected) < 0.06
 
 
 # --------------------------------------------------------------------------- clustering units

@@ -99,3 +99,45 @@ def test_plot_curves_script(tmp_path):
         runs.append(str(run.path))
     out = load_script("plot_curves").main([*runs, "--out", str(tmp_path / "c.png")])
     assert out.exists() and (tmp_path / "c.csv").read_text().count("\n") == 5
+
+
+def test_paper_tables_script_runs_each_kind_of_table_at_toy_size(tmp_path, data_root):
+    """Tables 3 (rotation sweep) and 4 (ablations, through the shared train-and-score path)."""
+    script = load_script("paper_tables")
+    toy = ["--data-dir", str(data_root), "--n-train", "48", "--n-test", "30", "--epochs", "1", "--fields", "4",
+           "--gen-hidden", "16", "--fourier", "8", "--vae-hidden", "16", "--device", "cpu"]
+    out = tmp_path / "table3.json"
+    results = script.main(["--table", "3", "--out", str(out), "--rotations", "8", "--rotation-images", "12", *toy])
+    rmse = results["rows"]["target-vae-p8"]["rotation_rmse"]
+    assert rmse["n_rotations"] == 8 and rmse["n"] == 12 and 0 <= rmse["mean_deg"] <= 180
+    assert json.loads(out.read_text())["rows"]["target-vae-p8"]["config"]["group_order"] == 8
+    assert "| target-vae-p8 |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "table3" / "target-vae-p8" / "metrics.jsonl").exists()  # default --work: OUT without suffix
+
+    results = script.main(["--table", "4", "--out", str(tmp_path / "t4.json"), "--rows", "full,plain-conv", *toy])
+    assert list(results["rows"]) == ["full", "plain-conv"]
+    assert results["rows"]["plain-conv"]["config"]["encoder"] == "plain"
+    assert results["rows"]["full"]["scores"]["n"] == 30
+    # the quick preset's sizes come from the table, the command line overrides them
+    assert results["settings"]["n_train"] == 48 and results["settings"]["kernel"] == 28
+
+
+def test_paper_tables_rows_and_markdown():
+    script = load_script("paper_tables")
+    names = [row[0] for row in script.table_rows(1)]
+    assert len(names) == 8 and "mnist-n/target-vae-p16" in names and "mnist-u/spatial-vae" in names
+    assert {row[3].get("zdim") for row in script.table_rows(2)} == {None, 32}
+    scores = {"rotation_correlation": 0.5, "translation_correlation": 0.25, "clustering_accuracy": 0.5, "n": 1}
+    text = script.markdown(1, {"mnist-u/target-vae-p8": {"scores": scores}})
+    assert "| target-vae-p8 | n/a | n/a | 0.500 | 0.250 |" in text and "target-vae-p4" not in text
+
+
+def test_cryoem_snr_script_runs_at_toy_size(tmp_path, data_root):
+    out = tmp_path / "snr.json"
+    results = load_script("cryoem_snr").main(["--data-dir", str(data_root), "--out", str(out), "--snrs", "10", "--n", "40",
+                                              "--epochs", "1", "--extra-train", "--fields", "4", "--gen-hidden", "16",
+                                              "--group", "4"])
+    row = results["rows"][0]
+    assert row["snr"] == 10 and 0.5 <= row["clustering_accuracy"] <= 1
+    assert len(row["classes"]) == 2 and all(-1 <= c["sharpness"] <= 1 for c in row["classes"])
+    assert "| 10 |" in out.with_suffix(".md").read_text()

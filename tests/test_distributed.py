@@ -120,6 +120,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         ddp.cleanup(context)
 
 
+@pytest.mark.usefixtures("single_thread")  # the one-process reference runs on one thread, as each rank does
 def test_two_gloo_processes_match_one_process(tmp_path: Path, monkeypatch):
     stack = _random_stack(tmp_path)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -128,7 +129,6 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, monkeypatch):
     assert result["resume_exact"], "a 2-process run resumed mid-epoch differs from the uninterrupted run"
 
     monkeypatch.setattr(torch, "randn_like", lambda tensor, *args, **kwargs: torch.zeros_like(tensor))
-    torch.set_num_threads(1)
     rows, params, trainer = _train(stack, tmp_path / "single", DistContext())
     assert [r["step"] for r in rows] == [r["step"] for r in result["rows"]] == [5, 10]
     for one, two in zip(rows, result["rows"]):

@@ -13,6 +13,13 @@ in the units of the images as read (after the run's preprocessing, or
 normalised raw particles). Generator images (:func:`decode_centres`,
 :func:`latent_traversal`) are ``model.decode(z, theta=0, t=0)``: the model's
 centred, upright drawing, in data units.
+
+The generator's frame is only defined up to a shift (a model may draw its
+object a few pixels off the box centre at pose zero), so by default the
+averages are then centred, as RELION's 2D classification centres its class
+averages (:func:`centre_averages`): each average is moved so that the centre
+of mass of its positive part sits on pixel ``N // 2``, and the particles'
+origins are changed to match (:func:`recentred_origins`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from particle_vae.conventions import undo_relion_pose
+from particle_vae.analysis.metrics import image_centre_of_mass
+from particle_vae.conventions import fourier_shift, undo_relion_pose
 from particle_vae.data.particles import ParticleDataset, make_loader, open_source
 from particle_vae.data.preprocess import Preprocessing
 from particle_vae.engine.data import PreparedData, prepare_data
@@ -177,6 +185,61 @@ def class_averages(dataset, labels, k: int, poses: tuple[np.ndarray, np.ndarray]
     averages = (sums / torch.from_numpy(np.maximum(counts, 1)).to(sums)[:, None, None]).numpy().astype(np.float32)
     return ClassAverages(averages=averages, counts=counts, aligned=poses is not None, gallery=gallery,
                          gallery_index=gallery_index)
+
+
+def centre_averages(result: ClassAverages, iterations: int = 3) -> np.ndarray:
+    """Centre each class average (and its gallery) in place on its centre of mass.
+
+    The centre of mass is that of the average's positive part above the
+    background (:func:`~particle_vae.analysis.metrics.image_centre_of_mass`);
+    the image is moved by an exact Fourier shift, and the estimate is repeated
+    ``iterations`` times (the shifts add up).
+
+    Returns:
+        ``(k, 2)`` float64: ``d_j = (x, y)`` pixels, where the centre of class
+        ``j`` was in the aligned frame before centring (zero for empty classes).
+    """
+    k = len(result.averages)
+    shifts = np.zeros((k, 2))
+    averages = torch.as_tensor(result.averages, dtype=torch.float64)
+    for j in range(k):
+        if result.counts[j] == 0:
+            continue
+        image = averages[j:j + 1]
+        for _ in range(iterations):
+            centre = image_centre_of_mass(image[0].numpy())
+            if not np.isfinite(centre).all() or np.abs(centre).max() < 1e-3:
+                break
+            shifts[j] += centre
+            image = fourier_shift(averages[j:j + 1], torch.as_tensor(-shifts[j:j + 1]))
+        averages[j] = image[0]
+        if result.gallery.size and np.abs(shifts[j]).max() > 0:
+            moved = fourier_shift(torch.as_tensor(result.gallery[j], dtype=torch.float64),
+                                  torch.as_tensor(np.repeat(-shifts[j:j + 1], result.gallery.shape[1], 0)))
+            result.gallery[j] = moved.numpy().astype(np.float32)
+    result.averages = averages.numpy().astype(np.float32)
+    return shifts
+
+
+def recentred_origins(psi_deg, origin_angst, labels, shifts_px, pixel_size: float) -> np.ndarray:
+    """RELION origins that undo each particle's pose onto the centred class average.
+
+    A particle aligned with ``(psi, o)`` is ``c(y) = obs(R(-psi) y - o)``; its
+    class average has its centre at ``d`` (pixels, aligned frame); the centred
+    image ``c(y + d)`` is obtained with ``o' = o - R(-psi) d``.
+
+    Args:
+        psi_deg: ``(M,)``; origin_angst: ``(M, 2)``; labels: ``(M,)`` class ids 0..k-1;
+        shifts_px: ``(k, 2)`` from :func:`centre_averages`; pixel_size: Angstrom per pixel of the averages.
+    Returns:
+        ``(M, 2)`` new ``(rlnOriginXAngst, rlnOriginYAngst)``.
+    """
+    psi = np.radians(np.asarray(psi_deg, dtype=np.float64))
+    d = np.asarray(shifts_px, dtype=np.float64)[np.asarray(labels)] * float(pixel_size)
+    c, s = np.cos(psi), np.sin(psi)
+    # R(-psi) d = (c dx + s dy, -s dx + c dy)
+    moved = np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
+    return np.asarray(origin_angst, dtype=np.float64) - moved
 
 
 @torch.no_grad()

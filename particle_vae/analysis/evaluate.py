@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from particle_vae.analysis.metrics import circular_correlation, cluster_latents, clustering_accuracy, pearson
+from particle_vae.analysis.metrics import (circular_correlation, cluster_latents, clustering_accuracy, mean_per_label, pearson,
+                                           rotation_sweep_rmse)
+from particle_vae.conventions import move_objects
 from particle_vae.models.base import PoseVAE, Readout
 
 
@@ -78,3 +80,36 @@ def evaluate_transformed_set(model: PoseVAE, images: np.ndarray, canonical: np.n
     k = len(np.unique(labels))
     accuracy = clustering_accuracy(labels, cluster_latents(moved["z_mean"], k, seed=seed))
     return BenchmarkScores(rotation, translation, accuracy, int(len(images)))
+
+
+def rotation_sweep(model: PoseVAE, canonical: np.ndarray, n_rotations: int = 160, device="cpu",
+                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Readout angles of every image turned through ``n_rotations`` evenly spaced angles.
+
+    Args:
+        canonical: ``(N, H, W)`` centred, upright images.
+        n_rotations: angles ``alpha_j = 2 pi j / J``, ``j = 0..J-1`` (objects turned
+            counter-clockwise about the box centre, bilinear, no shift).
+    Returns:
+        ``theta (N, J)`` predicted generator angles (radians) and ``alpha (J,)``.
+    """
+    images = torch.as_tensor(np.asarray(canonical, dtype=np.float32))
+    alpha = 2 * np.pi * np.arange(n_rotations) / n_rotations
+    theta = np.empty((len(images), n_rotations))
+    for j, angle in enumerate(alpha):
+        turned = move_objects(images, np.full(len(images), angle), np.zeros((len(images), 2))).clamp(0, 1)
+        theta[:, j] = readout_all(model, turned.numpy(), batch_size=batch_size, device=device)["theta"]
+    return theta, alpha
+
+
+def rotation_rmse_per_label(model: PoseVAE, canonical: np.ndarray, labels: np.ndarray, n_rotations: int = 160,
+                            device="cpu") -> dict:
+    """Per-label mean of :func:`~particle_vae.analysis.metrics.rotation_sweep_rmse` (TARGET-VAE appendix).
+
+    Returns ``{"per_label_deg": {label: mean RMSE in degrees}, "mean_deg": over all images,
+    "n_rotations": J, "n": N}``.
+    """
+    theta, alpha = rotation_sweep(model, canonical, n_rotations, device=device)
+    rmse = np.degrees(rotation_sweep_rmse(theta, alpha))
+    return {"per_label_deg": {str(k): v for k, v in mean_per_label(rmse, labels).items()},
+            "mean_deg": float(rmse.mean()), "n_rotations": int(n_rotations), "n": int(len(rmse))}

@@ -172,23 +172,32 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+GREY_NOTE = "grey scale per image: 1st (black) to 99th (white) percentile; x right, y up"
+
+
 def plot_image_grid(images, png: str | Path, row_labels=None, col_labels=None, title: str | None = None,
-                    cell: float = 1.2) -> Path:
+                    cell: float = 1.2, mark_centre: bool = False) -> Path:
     """Draw ``(R, C, N, N)`` images as a grid (each image scaled on its own).
 
     Args:
         images: ``(R, C, N, N)`` array.
         row_labels: ``R`` strings; col_labels: ``C`` strings (or ``None``).
+        mark_centre: draw a small red ``+`` on the box centre (pixel ``N // 2``).
+    A line under the grid states the grey scale (:data:`GREY_NOTE`).
     """
     images = np.asarray(images, dtype=np.float64)
     rows, cols = images.shape[:2]
-    fig = _figure(cell * cols + (1.2 if row_labels is not None else 0.2), cell * rows + (0.6 if title else 0.2))
+    fig = _figure(max(cell * cols + (1.2 if row_labels is not None else 0.2), 4.6),
+                  cell * rows + (0.6 if title else 0.2) + 0.3)
     axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
             low, high = _display_range(images[r, c])
             ax.imshow(images[r, c], cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
+            if mark_centre:
+                centre = images.shape[-1] // 2
+                ax.plot([centre], [centre], marker="+", color="red", markersize=7, alpha=0.7)
             ax.set_xticks([])
             ax.set_yticks([])
             if row_labels is not None and c == 0:
@@ -197,6 +206,7 @@ def plot_image_grid(images, png: str | Path, row_labels=None, col_labels=None, t
                 ax.set_title(str(col_labels[c]), fontsize="small")
     if title:
         fig.suptitle(title)
+    fig.supxlabel(GREY_NOTE + ("; red +: box centre" if mark_centre else ""), fontsize="x-small", color="0.3")
     return save_figure(fig, png)
 
 
@@ -212,7 +222,7 @@ def plot_class_images(averages, counts, png: str | Path, centres_decoded=None) -
         grid.append(np.asarray(centres_decoded))
         row_labels.append("decoded centre")
     col_labels = [f"class {j + 1}\n{100 * counts[j] / total:.1f}%" for j in range(k)]
-    return plot_image_grid(np.stack(grid), png, row_labels=row_labels, col_labels=col_labels)
+    return plot_image_grid(np.stack(grid), png, row_labels=row_labels, col_labels=col_labels, mark_centre=True)
 
 
 def plot_gallery(averages, gallery, gallery_index, png: str | Path, npz: str | Path, aligned: bool = True) -> list[Path]:

@@ -7,6 +7,7 @@ Gaussian mixture or Ward; --k auto scores a range of k), and OUT receives:
   clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based)
   analysis.json              method, k, scores, per-class counts, settings, files
   class_averages.mrcs/.star  per class, the mean of its particles with the written pose undone
+                             (then centred on its centre of mass, origins updated; --no-center: not)
   class_averages.png         the averages (and, with a run, the decoded cluster centres)
   cluster_centres.mrcs       with a run: the generator at each cluster centre, pose zero
   latent_scatter.png/.csv    latent means coloured by class (PCA beyond 2 dimensions)
@@ -65,6 +66,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"], default="background",
                         help="per-image normalisation of raw particles when no run is given (default background)")
     parser.add_argument("--no-images", action="store_true", help="do not read particle images (no class averages or gallery)")
+    parser.add_argument("--no-center", action="store_true",
+                        help="keep the class averages where the poses put them; by default each aligned average is moved "
+                             "to put its centre of mass on the box centre and the particles' origins are changed to match")
     parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
     parser.add_argument("--pixel-size", type=float, help="override the particles' pixel size, Angstrom")
     parser.add_argument("--batch-size", type=int, default=256, help="particles read at once (default 256)")
@@ -189,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
     prepared = None
     averages = None
     image_pixel_size = None
+    centre_shifts = recentred = None
     if not args.no_images:
         prepared = avg.particle_images(star_path, run_config=config, datadir=args.datadir, pixel_size=args.pixel_size,
                                        normalize=args.normalize)
@@ -208,12 +213,25 @@ def main(args: argparse.Namespace) -> int:
         log.info("averaging %d particles in %d classes%s", n, k, " after undoing their poses" if poses is not None else "")
         averages = avg.class_averages(prepared.dataset, labels, k, poses, image_pixel_size, batch_size=args.batch_size,
                                       gallery_size=args.gallery)
+        if averages.aligned and not args.no_center:
+            centre_shifts = avg.centre_averages(averages)
+            recentred = avg.recentred_origins(poses[0], poses[1], labels, centre_shifts, image_pixel_size)
+            log.info("centred the class averages: moved by %s px (x, y); particle origins changed to match",
+                     ", ".join(f"class {j + 1} ({-dx:+.2f}, {-dy:+.2f})" for j, (dx, dy) in enumerate(centre_shifts)))
 
     # ---- the clustered STAR ------------------------------------------------------
     new_columns = {}
     if "rlnClassNumber" in star.particles.columns:
         log.info("replacing the existing rlnClassNumber column")
     new_columns["rlnClassNumber"] = (labels + 1).astype(np.int64)
+    if recentred is not None:
+        if "rlnOriginX" in star.particles.columns and "rlnOriginXAngst" not in star.particles.columns:
+            star_apix = prepared.source.pixel_size if prepared.source is not None else image_pixel_size
+            new_columns["rlnOriginX"] = np.round(recentred[:, 0] / star_apix, 6)  # RELION 3.0: pixels of the STAR
+            new_columns["rlnOriginY"] = np.round(recentred[:, 1] / star_apix, 6)
+        else:
+            new_columns["rlnOriginXAngst"] = np.round(recentred[:, 0], 6)
+            new_columns["rlnOriginYAngst"] = np.round(recentred[:, 1], 6)
     from particle_vae.engine.inference import relocated_names_for_star
 
     source = prepared.source if prepared is not None else None
@@ -226,6 +244,12 @@ def main(args: argparse.Namespace) -> int:
     centres_decoded = None
     if model is not None:
         centres_decoded = avg.decode_centres(model, result.centres)
+        if centre_shifts is not None:  # shown in the frame of the centred averages
+            from particle_vae.conventions import fourier_shift
+            import torch
+
+            centres_decoded = fourier_shift(torch.as_tensor(centres_decoded, dtype=torch.float64),
+                                            torch.as_tensor(-centre_shifts)).numpy().astype(np.float32)
         write_stack(paths["centres"], centres_decoded, config.get("pixel_size"), overwrite=True, inputs=inputs)
         written["centres"] = paths["centres"]
         log.info("wrote %s (%d generator images at the cluster centres, pose zero)", paths["centres"], k)
@@ -298,6 +322,8 @@ def main(args: argparse.Namespace) -> int:
         "averages": None if averages is None else {
             "aligned": averages.aligned, "box": int(averages.averages.shape[-1]), "pixel_size": image_pixel_size,
             "images": "run preprocessing" if config is not None else f"raw particles, normalize={args.normalize}",
+            "centred": centre_shifts is not None,
+            "centre_shift_px": None if centre_shifts is None else [[round(float(-v), 4) for v in row] for row in centre_shifts],
         },
         "outputs": {key: path.name for key, path in written.items()},
         "runtime_s": None,
