@@ -22,19 +22,14 @@ log = logging.getLogger("particle_vae")
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     from particle_vae.data.cache import CACHE_DTYPES
+    from particle_vae.commands.train import add_input_options
     from particle_vae.engine.presets import PRESETS
 
     parser.add_argument("input", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="the cache stack to write (e.g. particles_cache.mrcs; a .json goes beside it)")
     parser.add_argument("--dtype", choices=sorted(CACHE_DTYPES), default="float16", help="stored values (default float16)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="take the preprocessing of this training preset")
-    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
-    parser.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
-    parser.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels")
-    parser.add_argument("--crop-to", type=int, help="centre-crop the particles to this box first, pixels")
-    parser.add_argument("--invert", action="store_true", default=None, help="invert contrast")
-    parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
-    parser.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
+    add_input_options(parser)
     parser.add_argument("--batch-size", type=int, default=512, help="particles per read")
     parser.add_argument("--workers", type=int, default=0, help="reader processes")
 
@@ -43,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.commands.train import PREP_OPTIONS
     from particle_vae.data.cache import ensure_cache
     from particle_vae.data.particles import open_source
+    from particle_vae.commands.train import add_input_options
     from particle_vae.engine.presets import PRESETS
 
     preset = PRESETS[args.preset] if args.preset else {}

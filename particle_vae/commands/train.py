@@ -49,6 +49,17 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "e
                  "num_workers", "device", "max_steps")
 
 
+def add_input_options(parser) -> None:
+    """Options that locate and preprocess the particles (shared with ``particle-vae cache``)."""
+    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
+    parser.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
+    parser.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels")
+    parser.add_argument("--crop-to", type=int, help="centre-crop the particles to this box first, pixels")
+    parser.add_argument("--invert", action="store_true", default=None, help="invert contrast")
+    parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
+    parser.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
@@ -96,13 +107,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--ctf", action="store_true", help="CTF-aware likelihood using the STAR's CTF columns (Gaussian likelihood)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
-    data.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
-    data.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels")
-    data.add_argument("--crop-to", type=int, help="centre-crop the particles to this box first, pixels")
-    data.add_argument("--invert", action="store_true", default=None, help="invert contrast")
-    data.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
-    data.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
+    add_input_options(data)
     data.add_argument("--n", type=int, help="benchmarks: use the first N training images")
     data.add_argument("--label-column", help="semi-supervised models (equivae): STAR column with class labels, e.g. rlnClassNumber; empty = unlabelled")
     data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images")
