@@ -25,6 +25,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 (default) or bf16 autocast: 2-3x faster on GPUs and CPUs with bf16 instructions, "
+                             "latents to about 3 significant digits")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
     from particle_vae.engine.distributed import add_launch_args
 
@@ -45,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
                   device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
-                  overwrite=args.overwrite, context=context)
+                  overwrite=args.overwrite, context=context, bf16=args.precision == "bf16")
     finally:
         ddp.cleanup(context)
     return 0

@@ -84,8 +84,12 @@ class InferenceResult:
 
 @torch.no_grad()
 def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256, device: torch.device | None = None,
-                  num_workers: int = 0, context: DistContext | None = None) -> InferenceResult | None:
+                  num_workers: int = 0, context: DistContext | None = None, bf16: bool = False) -> InferenceResult | None:
     """Read out every particle of ``prepared.dataset`` in input order.
+
+    ``bf16`` runs the encoder under bf16 autocast (2-3 times faster on GPUs and on
+    CPUs with bf16 instructions; poses are still assembled in float32, latent
+    means carry about three significant digits).
 
     With several ranks each reads out its contiguous share
     (:func:`~particle_vae.engine.distributed.shard_bounds`) and the shares are
@@ -102,7 +106,8 @@ def run_inference(model: PoseVAE, prepared: PreparedData, batch_size: int = 256,
     parts: dict[str, list] = {"theta": [], "t": [], "z_mean": [], "z_std": []}
     extras: dict[str, list] = {}
     for batch in tqdm(loader, desc="inference", unit="batch", disable=None if context.is_main else True, leave=False):
-        out = model.readout(batch["images"].to(device, non_blocking=True))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.readout(batch["images"].to(device, non_blocking=True))
         for key in parts:
             parts[key].append(getattr(out, key).float().cpu().numpy())
         for key, value in out.extra.items():
@@ -200,8 +205,9 @@ def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | Non
 
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
-              overwrite: bool = False, context: DistContext | None = None) -> tuple[Path, Path]:
-    """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it.
+              overwrite: bool = False, context: DistContext | None = None, bf16: bool = False) -> tuple[Path, Path]:
+    """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
+    (``bf16``: see :func:`run_inference`).
 
     With several ranks (``context``), each reads out a share and rank 0 writes
     the files; every rank returns the same paths.
@@ -240,7 +246,8 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     if context.is_main:
         for line in prepared.steps:
             log.info("data: %s", line)
-    result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers, context=context)
+    result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers, context=context,
+                           bf16=bf16)
 
     def write() -> None:
         if "predicted_class" in result.extra and config.get("class_values"):
