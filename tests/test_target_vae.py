@@ -860,3 +860,15 @@ def test_image_patches_are_the_convolution_windows():
     assert patches.shape == (2, 9, 9, 25)
     expected = torch.nn.functional.conv2d(images, weight, padding=2).permute(0, 2, 3, 1)
     torch.testing.assert_close(patches @ weight.view(4, 25).T, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_readout_in_chunks_equals_one_pass():
+    """The CPU readout encodes a few images at a time; the result is that of one pass."""
+    model = make_model(seed=8, mixing="shared").eval()
+    images = torch.rand(11, 1, BOX, BOX)
+    with torch.no_grad():
+        whole = model.posterior(images)
+        chunked = model._posterior_in_chunks(images)
+    assert torch.get_num_threads() * 4 < 11  # the module runs single-threaded: three chunks
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], atol=1e-6, rtol=1e-5)
