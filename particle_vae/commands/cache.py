@@ -38,7 +38,6 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.commands.train import PREP_OPTIONS
     from particle_vae.data.cache import ensure_cache
     from particle_vae.data.particles import open_source
-    from particle_vae.commands.train import add_input_options
     from particle_vae.engine.presets import PRESETS
 
     preset = PRESETS[args.preset] if args.preset else {}
