@@ -141,3 +141,11 @@ def test_cryoem_snr_script_runs_at_toy_size(tmp_path, data_root):
     assert row["snr"] == 10 and 0.5 <= row["clustering_accuracy"] <= 1
     assert len(row["classes"]) == 2 and all(-1 <= c["sharpness"] <= 1 for c in row["classes"])
     assert "| 10 |" in out.with_suffix(".md").read_text()
+
+
+def test_kernels_script_reports_every_measure_and_its_fft_matches_the_convolution():
+    results = load_script("kernels").main(["--threads", "1", "--repeats", "1", "--batch", "1"])
+    assert results["first_layer_fft_max_error_rel"] < 1e-4
+    for key in ("matmul_fp32_gflops", "matmul_bf16_gflops", "sin_cos_ns_per_element", "first_layer_direct_fp32_images_per_s",
+                "first_layer_fft_fp32_images_per_s", "first_layer_patches_fp32_images_per_s", "first_layer_patches_bf16_images_per_s"):
+        assert results[key] > 0, key
