@@ -27,7 +27,9 @@ COMMANDS = {
 log = logging.getLogger("particle_vae")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only`` (a subcommand name) the other subcommands
+    are listed by name and help line without importing their modules (faster start)."""
     parser = argparse.ArgumentParser(
         prog="particle-vae",
         description="Pose-invariant representation learning for cryo-EM particle images.",
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"particle_vae.commands.{module_name}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_args(command)
@@ -58,7 +63,9 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(only=chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_handler", None):
         parser.print_help()

@@ -863,12 +863,23 @@ def test_image_patches_are_the_convolution_windows():
 
 
 def test_readout_in_chunks_equals_one_pass():
-    """The CPU readout encodes a few images at a time; the result is that of one pass."""
+    """The CPU readout reads out two images at a time, one chunk per thread; the result is that
+    of one pass over the whole batch, with one thread or several."""
+    from particle_vae.models import target_vae
+
     model = make_model(seed=8, mixing="shared").eval()
     images = torch.rand(11, 1, BOX, BOX)
-    with torch.no_grad():
-        whole = model.posterior(images)
-        chunked = model._posterior_in_chunks(images)
-    assert torch.get_num_threads() * 4 < 11  # the module runs single-threaded: three chunks
-    for key in whole:
-        torch.testing.assert_close(chunked[key], whole[key], atol=1e-6, rtol=1e-5)
+    whole = model._readout_batch(images)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            chunked = model.readout(images)
+            assert torch.get_num_threads() == count  # the worker threads leave the count as it was
+            for name in ("theta", "t", "z_mean", "z_std"):
+                torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+            for key in whole.extra:
+                torch.testing.assert_close(chunked.extra[key], whole.extra[key], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert images.shape[0] > 2 * target_vae.READOUT_CHUNK  # several chunks

@@ -59,6 +59,12 @@ class Readout:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def concatenate_readouts(parts: list[Readout]) -> Readout:
+    """The readouts of consecutive batches as one (all fields joined along the batch)."""
+    return Readout(**{name: torch.cat([getattr(part, name) for part in parts]) for name in ("theta", "t", "z_mean", "z_std")},
+                   extra={key: torch.cat([part.extra[key] for part in parts]) for key in parts[0].extra})
+
+
 class PoseVAE(nn.Module):
     """Base class: subclasses set ``name`` and ``config_class`` and implement the methods."""
 

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from particle_vae.conventions import grid_half_width, pixel_grid, rotation_matrix, wrap_angle
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.base import LossTerms, PoseVAE, Readout, concatenate_readouts
 from particle_vae.nn.equivariant import GroupConvEncoder
 from particle_vae.nn.generator import SpatialGenerator
+from particle_vae.nn.cpu_threads import map_in_cpu_threads
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
 SUBPIXEL_PRIOR_STD = 0.5  # pixels: the offset stays inside its cell
-READOUT_CHUNK_PER_THREAD = 4  # images per CPU thread in one encoder pass of the readout
+READOUT_CHUNK = 2  # images per encoder pass of the readout on the CPU
 
 
 @dataclass
@@ -301,8 +302,19 @@ class TargetVAE(PoseVAE):
 
         ``extra`` holds ``pose_confidence`` (max q(t, r')) and
         ``rotation_entropy`` (entropy of q(r') in nats).
+
+        On the CPU the batch is read out a few images at a time, one chunk per
+        thread: the encoder's activations (about 12,000 cells x fields per
+        image) then stay in the caches, and the threads work side by side
+        instead of splitting every product (about 1.3 times faster on two
+        cores). On GPUs the batch goes whole.
         """
-        post = self._posterior_in_chunks(images)
+        if images.device.type == "cpu" and images.shape[0] > READOUT_CHUNK:
+            return concatenate_readouts(map_in_cpu_threads(self._readout_batch, images.split(READOUT_CHUNK)))
+        return self._readout_batch(images)
+
+    def _readout_batch(self, images: torch.Tensor) -> Readout:
+        post = self.posterior(images)
         log_q = post["log_q"]
         index = log_q.argmax(-1)
         batch = torch.arange(log_q.shape[0], device=log_q.device)
@@ -320,16 +332,6 @@ class TargetVAE(PoseVAE):
         entropy = (-(q_rotation * torch.log(q_rotation.clamp_min(1e-30))).sum(-1)).clamp_min(0.0)
         extra = {"pose_confidence": log_q.max(-1).values.exp(), "rotation_entropy": entropy}
         return Readout(theta=theta, t=t, z_mean=z_mean, z_std=z_std, extra=extra)
-
-    def _posterior_in_chunks(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`posterior` of a CPU batch a few images at a time (4 per thread): the encoder's
-        activations (about 12,000 cells x fields per image) then stay in the caches, which
-        reads out 1.2-1.6 times faster than one large batch; on GPUs the batch goes whole."""
-        chunk = READOUT_CHUNK_PER_THREAD * torch.get_num_threads()
-        if images.device.type != "cpu" or images.shape[0] <= chunk:
-            return self.posterior(images)
-        parts = [self.posterior(part) for part in images.split(chunk)]
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def decode(self, z: torch.Tensor | None, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Images ``(B, N, N)`` in data units (probabilities or means) at pose ``(theta rad, t px)``."""

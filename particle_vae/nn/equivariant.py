@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from particle_vae.nn.precision import matmul_dtype
+from particle_vae.nn.rot90_harmonics import filters_are_quarter_turn_symmetric, harmonic_filters, quarter_turn_group_conv
 
 LEAK = 0.2
 
@@ -133,6 +134,16 @@ class GroupConvEncoder(nn.Module):
     def _forward_shared(self, images: torch.Tensor) -> torch.Tensor:
         first = self.layers[0]
         r = self.group_order
+        dtype = matmul_dtype(images)
+        if images.device.type == "cpu" and not torch.is_grad_enabled():
+            filters = self._quarter_turn_filters(dtype)
+            if filters is not None:
+                # inference: 6/16 of the first layer's products (see rot90_harmonics); rows (m, B, H, W, j)
+                padded = F.pad(images[:, 0].to(dtype), (self.padding,) * 4)
+                x = quarter_turn_group_conv(padded, filters, self.kernel)
+                quarters, batch, height, width, _ = x.shape
+                x = self._mix_channels(F.leaky_relu_(x.view(quarters, batch, height, width, r // 4, -1), LEAK))
+                return x.permute(1, 5, 0, 4, 2, 3).reshape(batch, self.n_out, r, height, width)
         # the e2cnn layer keeps its expanded filter cached in eval mode; in training it is rebuilt each step
         weight, bias = (first.filter, first.expanded_bias) if not first.training else first.expand_parameters()
         # Output channels reordered from field-major (f r + j) to rotation-major (j C + f) and computed
@@ -140,7 +151,6 @@ class GroupConvEncoder(nn.Module):
         n_fields = weight.shape[0] // r
         weight = weight.view(n_fields, r, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
         bias = bias.view(n_fields, r).t().reshape(-1)
-        dtype = matmul_dtype(images)
         if images.device.type == "cpu" and dtype == torch.bfloat16:
             # bf16 matrix products are several times faster than oneDNN's bf16 convolution on CPUs
             # with AVX512-BF16: compute the first layer as one product over image patches (im2col)
@@ -150,12 +160,39 @@ class GroupConvEncoder(nn.Module):
             x = F.conv2d(images.contiguous(memory_format=torch.channels_last), weight.to(images.dtype),
                          bias.to(images.dtype), padding=self.padding).permute(0, 2, 3, 1)
         batch, height, width, _ = x.shape
-        x = F.leaky_relu(x.reshape(batch, height, width, r, n_fields), LEAK)
+        # in place: neither the product's nor the convolution's backward needs its output
+        x = self._mix_channels(F.leaky_relu_(x.reshape(batch, height, width, r, n_fields), LEAK))
+        return x.permute(0, 4, 3, 1, 2).contiguous()  # (B, n_out, r, H, W)
+
+    def _mix_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The rotation-shared 1x1 layers on the last dimension of ``(..., n_fields)`` -> ``(..., n_out)``."""
         for i, layer in enumerate(self.layers[1:]):
             x = F.linear(x, layer.weight.view(layer.weight.shape[0], -1), layer.bias)
             if i < len(self.layers) - 2:
                 x = F.leaky_relu(x, LEAK, inplace=True)  # the product's backward does not need its output
-        return x.permute(0, 4, 3, 1, 2).contiguous()  # (B, n_out, r, H, W)
+        return x
+
+    def _quarter_turn_filters(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The first layer's quarter-turn harmonics in ``dtype``, or ``None`` where they do not apply
+        (``r`` not divisible by 4). Cached while the layer is in eval mode (its filter is then fixed)."""
+        if self.group_order % 4:
+            return None
+        first = self.layers[0]
+        if first.training:
+            return _harmonics_in(*first.expand_parameters(), self.group_order, dtype)
+        # keyed by the tensors themselves (the cache keeps them alive): e2cnn replaces them when it re-expands
+        key = (first.filter, first.filter._version, first.expanded_bias, first.expanded_bias._version, dtype)
+        cached = getattr(self, "_harmonics_cache", None)
+        if cached is None or not all(a is b or (not torch.is_tensor(a) and a == b) for a, b in zip(cached[0], key)):
+            cached = self._harmonics_cache = (key, _harmonics_in(first.filter, first.expanded_bias, self.group_order, dtype))
+        return cached[1]
+
+
+def _harmonics_in(weight: torch.Tensor, bias: torch.Tensor, group_order: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """:func:`harmonic_filters` in ``dtype``, or ``None`` when the filters lack the quarter-turn symmetry."""
+    if not filters_are_quarter_turn_symmetric(weight, group_order):
+        return None
+    return {name: value.detach().to(dtype).contiguous() for name, value in harmonic_filters(weight, bias, group_order).items()}
 
 
 def image_patches(images: torch.Tensor, kernel: int, padding: int, dtype: torch.dtype | None = None) -> torch.Tensor:
