@@ -117,6 +117,11 @@ def test_harmonic_filters_follow_new_weights():
     direct = encoder(images).detach()
     torch.testing.assert_close(after, direct, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)
+    with torch.no_grad():
+        encoder.layers[1].weight.mul_(0.5)  # the 1x1 weights are cached in the products' dtype too
+        halved = encoder(images)
+    torch.testing.assert_close(halved, encoder(images).detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(halved, after)
 
 
 def test_readout_of_the_published_mnist_model_equals_the_direct_path():
