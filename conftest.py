@@ -7,6 +7,8 @@ import logging
 import numbers
 from collections.abc import Mapping
 
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, as on the command line)
+
 
 class _ArgsSafeLogRecord(logging.LogRecord):
     """napari's test plugin swaps in a LogRecord that turns every argument into a string (against reference

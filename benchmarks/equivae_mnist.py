@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 
 from particle_vae.data.memory import ArrayDataset, LabelledDataset

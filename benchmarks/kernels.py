@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 import torch.nn.functional as F
 

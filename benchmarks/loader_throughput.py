@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 
 from particle_vae.data.cache import ensure_cache, open_cache

@@ -22,6 +22,7 @@ import platform
 import time
 from pathlib import Path
 
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 
 from particle_vae.analysis.evaluate import evaluate_transformed_set

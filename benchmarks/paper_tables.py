@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

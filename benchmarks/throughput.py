@@ -28,6 +28,7 @@ import resource
 import time
 from pathlib import Path
 
+import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
 import torch
 
 from particle_vae.models import TargetVAE, TargetVAEConfig

@@ -160,8 +160,8 @@ class GroupConvEncoder(nn.Module):
             x = F.conv2d(images.contiguous(memory_format=torch.channels_last), weight.to(images.dtype),
                          bias.to(images.dtype), padding=self.padding).permute(0, 2, 3, 1)
         batch, height, width, _ = x.shape
-        # in place: neither the product's nor the convolution's backward needs its output
-        x = self._mix_channels(F.leaky_relu_(x.reshape(batch, height, width, r, n_fields), LEAK))
+        # not in place: in place on this view of the product would cost a full gradient copy in backward
+        x = self._mix_channels(F.leaky_relu(x.reshape(batch, height, width, r, n_fields), LEAK))
         return x.permute(0, 4, 3, 1, 2).contiguous()  # (B, n_out, r, H, W)
 
     def _mix_channels(self, x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
