@@ -269,3 +269,35 @@ def test_bf16_precision_on_cpu_trains_with_shared_mixing_and_is_recorded(simulat
     assert np.median(np.abs(np.angle(np.exp(1j * psi)))) < np.radians(5)
     z_scale = a["pvaeZ1"].std() + 1e-6
     assert np.median(np.abs(a["pvaeZ1"] - b["pvaeZ1"])[same_cell]) < 0.05 * z_scale
+
+
+@pytest.mark.parametrize("check_steps", [1, 100])
+def test_a_non_finite_loss_stops_training_with_one_line_and_no_spoiled_checkpoint(simulated, tmp_path, monkeypatch, capsys,
+                                                                                   check_steps):
+    """The loss is checked every step on the CPU and every few steps on GPUs (no wait for the device at
+    each step; 100 here: only the check at the end of the epoch sees it). Either way the run stops with
+    a one-line error before a checkpoint holds the weights the bad step spoiled."""
+    from particle_vae.engine import trainer as trainer_module
+    from particle_vae.models.base import LossTerms
+    from particle_vae.models.target_vae import TargetVAE
+
+    monkeypatch.setattr(trainer_module.Trainer, "finite_check_steps", property(lambda self: check_steps))
+    original = TargetVAE.loss
+    steps = {"n": 0}
+
+    def loss_with_a_bad_third_step(self, images, ctf=None):
+        terms = original(self, images, ctf)
+        if self.training:
+            steps["n"] += 1
+            if steps["n"] == 3:
+                return LossTerms(loss=terms.loss * float("nan"), elbo=terms.elbo, terms=terms.terms)
+        return terms
+
+    monkeypatch.setattr(TargetVAE, "loss", loss_with_a_bad_third_step)
+    run = tmp_path / "run"
+    assert train([str(simulated), *TINY, "--epochs", "2", "--out", str(run)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "NaN or infinite" in lines[0] and "--lr" in lines[0]
+    # checked every step: stopped at the bad one; every 100: went on to the end of the first epoch
+    assert steps["n"] == 3 if check_steps == 1 else steps["n"] > 3
+    assert not (run / "checkpoints" / "last.pt").exists() and not (run / "checkpoints" / "best.pt").exists()

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 VALIDATION_SEED_OFFSET = 7919
 #: added (times the rank) to the seed of ranks other than 0, so their sampling noise differs
 RANK_SEED_STRIDE = 1_000_003
+#: on GPUs, training steps between checks that the loss is finite (each check waits for the device)
+FINITE_CHECK_STEPS_GPU = 20
 
 
 @dataclass
@@ -276,6 +278,7 @@ class Trainer:
         """
         totals: dict[str, torch.Tensor] = {}
         count, batches, images_run = 0, 0, 0
+        finite_so_far = None  # device-side flag: no wait for the device at every step
         world = self.context.world_size
         if self.ddp_model is not None:
             self.ddp_model.train(train)
@@ -290,8 +293,10 @@ class Trainer:
                 n_global = self._global_batch(first_batch + batches)
                 scale = batch["images"].shape[0] * world / n_global if self.ddp_model is not None else None
                 terms, n = self._batch_loss(batch, scale=scale)
-                if ddp.any_rank(self.context, not bool(torch.isfinite(terms.loss))):
-                    raise ParticleVAEError("the loss became NaN or infinite; lower --lr, check the input for outliers, or change the normalisation")
+                finite = torch.isfinite(terms.loss.detach())
+                finite_so_far = finite if finite_so_far is None else finite_so_far & finite
+                if (batches + 1) % self.finite_check_steps == 0:
+                    self._stop_unless_finite(finite_so_far)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 self.optimizer.step()
@@ -310,7 +315,21 @@ class Trainer:
             if train and not bar.disable and batches % 20 == 1:  # reading the value waits for the GPU: not every step
                 bar.set_postfix(elbo=f"{float(terms.elbo):.2f}")
         bar.close()
+        if finite_so_far is not None:
+            self._stop_unless_finite(finite_so_far)  # before any checkpoint of this epoch is written
         return self._reduce(totals, count), batches, images_run
+
+    @property
+    def finite_check_steps(self) -> int:
+        """Training steps between checks that the loss is finite: every step on the CPU, where the
+        check is free; every few on GPUs, where reading the flag waits for the device (a step on a
+        non-finite loss spoils the weights, but the run stops at the next check, before any
+        checkpoint is written)."""
+        return FINITE_CHECK_STEPS_GPU if self.cuda else 1
+
+    def _stop_unless_finite(self, finite: torch.Tensor) -> None:
+        if ddp.any_rank(self.context, not bool(finite)):
+            raise ParticleVAEError("the loss became NaN or infinite; lower --lr, check the input for outliers, or change the normalisation")
 
     def _validate(self, epoch: int) -> dict[str, float]:
         """Validation metrics with a fixed sampling seed, leaving the training RNG untouched."""
