@@ -301,3 +301,35 @@ def test_a_non_finite_loss_stops_training_with_one_line_and_no_spoiled_checkpoin
     # checked every step: stopped at the bad one; every 100: went on to the end of the first epoch
     assert steps["n"] == 3 if check_steps == 1 else steps["n"] > 3
     assert not (run / "checkpoints" / "last.pt").exists() and not (run / "checkpoints" / "best.pt").exists()
+
+
+def test_compile_trains_like_eager_and_falls_back_when_compilation_fails(simulated, tmp_path, monkeypatch):
+    """--compile runs the step through torch.compile (here with dynamo's "eager" backend, which traces
+    the step without generating code: same operations, same random numbers, so the same metrics);
+    when compiling fails, training goes on without it, with one warning, and matches plain training."""
+    import functools
+
+    plain, traced, broken = tmp_path / "plain", tmp_path / "traced", tmp_path / "broken"
+    args = [str(simulated), *TINY, "--epochs", "2"]
+    assert train([*args, "--out", str(plain)]) == 0
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))
+    assert train([*args, "--compile", "--out", str(traced)]) == 0
+
+    def compile_that_fails(function, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("InductorError: no working C++ compiler found\nsecond line")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    assert train([*args, "--compile", "--out", str(broken)]) == 0
+    expected = RunDirectory(plain).read_metrics()
+    for run in (traced, broken):
+        assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
+        rows = RunDirectory(run).read_metrics()
+        for key in ("train_elbo", "val_elbo"):
+            assert [row[key] for row in rows] == pytest.approx([row[key] for row in expected], rel=1e-5, abs=1e-4), (run, key)
+    log_text = (broken / "train.log").read_text()
+    assert log_text.count("torch.compile failed") == 1 and "no working C++ compiler found" in log_text
+    assert "torch.compile failed" not in (traced / "train.log").read_text()

@@ -46,7 +46,7 @@ MODEL_OPTIONS = {
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed",
-                 "num_workers", "device", "max_steps")
+                 "num_workers", "device", "max_steps", "compile")
 
 
 def add_input_options(parser) -> None:
@@ -132,6 +132,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                             "AVX512-BF16/AMX); fp32: never")
     train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="same as --precision fp32")
     train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (also inside an epoch; --resume continues)")
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the training step (for CUDA; on the CPU it needs a C++ compiler and minutes to compile); "
+                            "if compilation fails, training continues without it")
 
     from particle_vae.engine.distributed import add_launch_args
 
@@ -247,6 +250,9 @@ def _main(args: argparse.Namespace, context) -> int:
                 run.write_config(config)
             if args.max_steps is not None and args.max_steps != config["train"].get("max_steps"):
                 config["train"]["max_steps"] = args.max_steps
+                run.write_config(config)
+            if args.compile and not config["train"].get("compile"):
+                config["train"]["compile"] = True  # the same computation, compiled
                 run.write_config(config)
             return config
 

@@ -68,6 +68,10 @@ class TrainSettings:
         channels_last: channels-last memory format on CUDA.
         max_steps: stop after this many optimiser steps in all (``None``: no limit);
             a run stopped inside an epoch resumes from the next batch.
+        compile: ``torch.compile`` the training step's loss (meant for CUDA; on the
+            CPU it needs a C++ compiler and minutes of compilation). When compiling
+            or running the compiled loss fails, training goes on without it (a
+            warning says why).
         batch_size is the *global* batch: with ``W`` data-parallel processes each
         computes ``batch_size / W`` images per step.
     """
@@ -86,6 +90,7 @@ class TrainSettings:
     precision: str = "auto"
     channels_last: bool = True
     max_steps: int | None = None
+    compile: bool = False
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +174,10 @@ class Trainer:
         if self.cuda and settings.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ddp_model = ddp.wrap_ddp(self.model, context, self.device) if context.distributed else None
+        # compiled lazily, at the first training step; None: eager (also after a failed compilation)
+        self.compiled_step = None
+        if settings.compile:
+            self.compiled_step = torch.compile(self.ddp_model if self.ddp_model is not None else self.model.loss)
         if context.rank > 0:  # different sampling noise on every rank; rank 0 keeps the single-process stream
             seed_everything(settings.seed + RANK_SEED_STRIDE * context.rank)
         self.train_idx, self.val_idx = split_indices(len(dataset), settings.val_fraction, settings.seed)
@@ -250,9 +259,24 @@ class Trainer:
             extra["labels"] = batch["labels"].to(self.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16):
             if scale is not None and self.ddp_model is not None:
-                loss, elbo, names, values = self.ddp_model(images, scale=scale, ctf=ctf, **extra)
+                loss, elbo, names, values = self._training_call(self.ddp_model, images, scale=scale, ctf=ctf, **extra)
                 return LossTerms(loss=loss, elbo=elbo, terms=dict(zip(names, values))), images.shape[0]
+            if torch.is_grad_enabled():
+                return self._training_call(self.model.loss, images, ctf=ctf, **extra), images.shape[0]
             return self.model.loss(images, ctf=ctf, **extra), images.shape[0]
+
+    def _training_call(self, eager, *args, **kwargs):
+        """``eager(*args, **kwargs)``, through the compiled step when ``compile`` is on and it works."""
+        if self.compiled_step is None:
+            return eager(*args, **kwargs)
+        try:
+            return self.compiled_step(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001  any failure of the compiler stack: go on without it
+            if self.is_main:
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                log.warning("torch.compile failed (%s: %s); training continues without it", type(error).__name__, message[:300])
+            self.compiled_step = None
+            return eager(*args, **kwargs)
 
     def _global_batch(self, number: int) -> int:
         """Images in global training batch ``number`` of an epoch."""
