@@ -94,7 +94,7 @@ def _make_mixture(tmp_path_factory, data_root):
     assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--k", "2", "--method", "gmm", "--gallery", "0",
                      "--out", str(out)]) == 0
     clustered = ParticleStar(out / "clustered_particles.star").particles
-    return {"sim": sim, "run": run, "out": out, "particles": clustered,
+    return {"sim": sim, "run": run, "out": out, "particles": clustered, "inferred": ParticleStar(star).particles,
             "truth": clustered["pvaeTrueClass"].to_numpy(), "classes": clustered["rlnClassNumber"].to_numpy(),
             "record": json.loads((out / "analysis.json").read_text())}
 
@@ -161,3 +161,13 @@ def test_shuffled_angles_fail_the_upright_check(mixture):
     assert kept > UPRIGHT and correlation > SHARPNESS
     kept, _ = scores(np.random.default_rng(0).permutation(psi))
     assert kept < 0.3
+
+
+def test_inferred_origins_follow_the_true_particle_centres(mixture):
+    """``infer`` centres its origins on the generator's drawing (its centre of mass on the box
+    centre): they then follow the true shifts (measured: Pearson 0.39 per axis), where the
+    model's own origins, relative to a drawing 5 px off-centre, did not (-0.11 and -0.13)."""
+    inferred = mixture["inferred"]
+    for axis in ("X", "Y"):
+        r = np.corrcoef(inferred[f"rlnOrigin{axis}Angst"], inferred[f"pvaeTrueOrigin{axis}Angst"])[0, 1]
+        assert r > 0.25, (axis, r)

@@ -194,29 +194,35 @@ def test_ctf_aware_training_runs(simulated, tmp_path):
 
 def test_written_poses_align_the_model_s_own_drawings(simulated, tmp_path):
     """Particles drawn by the model at its inferred pose, aligned with the STAR's
-    RELION columns through the conventions module, are the model's centred,
-    upright drawing (pose zero)."""
-    from particle_vae.conventions import undo_relion_pose
+    RELION columns through the conventions module, are the model's upright drawing
+    (pose zero) moved so that its centre of mass is on the box centre; with
+    --no-center, the drawing as the generator makes it."""
+    from particle_vae.conventions import fourier_shift, undo_relion_pose
     from particle_vae.engine.inference import load_model
 
-    run, out = tmp_path / "run", tmp_path / "poses.star"
+    run, out, raw = tmp_path / "run", tmp_path / "poses.star", tmp_path / "raw.star"
     assert train([str(simulated), *TINY, "--epochs", "1", "--out", str(run)]) == 0
     assert cli.main(["-q", "infer", str(run), "--out", str(out)]) == 0
+    assert cli.main(["-q", "infer", str(run), "--out", str(raw), "--no-center"]) == 0
     model, config = load_model(RunDirectory(run))
-    rows = ParticleStar(out).particles.iloc[:8]
-    z = torch.tensor(rows[["pvaeZ1", "pvaeZ2"]].to_numpy(), dtype=torch.float32)
     npz = np.load(out.with_suffix(".npz"))
+    assert "centre_px" not in np.load(raw.with_suffix(".npz"))
+    z = torch.tensor(npz["z_mean"][:8], dtype=torch.float32)
     theta, t = torch.as_tensor(npz["theta"][:8]), torch.as_tensor(npz["t_px"][:8])
     with torch.no_grad():
-        posed = model.decode(z, theta, t)
-        upright = model.decode(z, torch.zeros(8), torch.zeros(8, 2))
-    origin = rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
-    aligned = undo_relion_pose(posed.double(), rows["rlnAnglePsi"].to_numpy(), origin, config["pixel_size"], mode="bicubic")
+        posed = model.decode(z, theta, t).double()
+        upright = model.decode(z, torch.zeros(8), torch.zeros(8, 2)).double()
+    centres = torch.as_tensor(npz["centre_px"][:8])
+    assert 0.3 < float(centres.norm(dim=1).mean()) < model.box / 2  # trained generators draw off-centre
     inner = model.box // 2 - 4
     centre = slice(model.box // 2 - inner // 2, model.box // 2 + inner // 2)
-    a, b = aligned[:, centre, centre].float(), upright[:, centre, centre]
-    error = (a - b).norm() / b.norm()
-    assert error < 0.15, float(error)
+    for star, expected in ((out, fourier_shift(upright, -centres)), (raw, upright)):
+        rows = ParticleStar(star).particles.iloc[:8]
+        origin = rows[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+        aligned = undo_relion_pose(posed, rows["rlnAnglePsi"].to_numpy(), origin, config["pixel_size"], mode="bicubic")
+        a, b = aligned[:, centre, centre], expected[:, centre, centre]
+        error = (a - b).norm() / b.norm()
+        assert error < 0.15, (star.name, float(error))
 
 
 def test_vae_baseline_through_the_cli_writes_latents_but_no_pose(simulated, tmp_path):

@@ -205,20 +205,34 @@ def centre_averages(result: ClassAverages, iterations: int = 3) -> np.ndarray:
     for j in range(k):
         if result.counts[j] == 0:
             continue
-        image = averages[j:j + 1]
-        for _ in range(iterations):
-            centre = image_centre_of_mass(image[0].numpy())
-            if not np.isfinite(centre).all() or np.abs(centre).max() < 1e-3:
-                break
-            shifts[j] += centre
-            image = fourier_shift(averages[j:j + 1], torch.as_tensor(-shifts[j:j + 1]))
-        averages[j] = image[0]
+        averages[j], shifts[j] = centre_on_mass(averages[j], iterations)
         if result.gallery.size and np.abs(shifts[j]).max() > 0:
             moved = fourier_shift(torch.as_tensor(result.gallery[j], dtype=torch.float64),
                                   torch.as_tensor(np.repeat(-shifts[j:j + 1], result.gallery.shape[1], 0)))
             result.gallery[j] = moved.numpy().astype(np.float32)
     result.averages = averages.numpy().astype(np.float32)
     return shifts
+
+
+def centre_on_mass(image: torch.Tensor, iterations: int = 3) -> tuple[torch.Tensor, np.ndarray]:
+    """One image moved (exact Fourier shift) so that its centre of mass
+    (:func:`~particle_vae.analysis.metrics.image_centre_of_mass`) is on the box centre.
+
+    Args:
+        image: ``(N, N)``.
+    Returns:
+        ``(centred image (N, N) float64, d (2,))``: ``d = (x, y)`` pixels, where the centre was;
+        the estimate is repeated ``iterations`` times (the shifts add up).
+    """
+    original = torch.as_tensor(image, dtype=torch.float64)[None]
+    moved, shift = original, np.zeros((1, 2))
+    for _ in range(iterations):
+        centre = image_centre_of_mass(moved[0].numpy())
+        if not np.isfinite(centre).all() or np.abs(centre).max() < 1e-3:
+            break
+        shift[0] += centre
+        moved = fourier_shift(original, torch.as_tensor(-shift))
+    return moved[0], shift[0]
 
 
 def recentred_origins(psi_deg, origin_angst, labels, shifts_px, pixel_size: float) -> np.ndarray:

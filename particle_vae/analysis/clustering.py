@@ -121,7 +121,7 @@ def _member_means(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return centres / np.maximum(counts, 1)[:, None]
 
 
-def _nearest(z: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def nearest_centre(z: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Index of the nearest centre (Euclidean) for each row, in bounded memory."""
     out = np.empty(len(z), dtype=np.int64)
     for start in range(0, len(z), chunk):
@@ -151,7 +151,7 @@ def _ward_labels(z: np.ndarray, tree, rows: np.ndarray, k: int) -> np.ndarray:
     if len(rows) == len(z):
         return fitted
     centres = _member_means(z[rows], fitted, int(fitted.max()) + 1)
-    return _nearest(z, centres)
+    return nearest_centre(z, centres)
 
 
 def _relabel_by_size(labels: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,8 @@ Gaussian mixture or Ward; --k auto scores a range of k), and OUT receives:
   class_averages.mrcs/.star  per class, the mean of its particles with the written pose undone
                              (then centred on its centre of mass, origins updated; --no-center: not)
   class_averages.png         the averages (and, with a run, the decoded cluster centres)
-  cluster_centres.mrcs       with a run: the generator at each cluster centre, pose zero
+  cluster_centres.mrcs       with a run: the generator at each cluster centre, pose zero (centred on its
+                             centre of mass like the averages; --no-center: as drawn)
   latent_scatter.png/.csv    latent means coloured by class (PCA beyond 2 dimensions)
   latent_tsne.png/.csv       with --tsne
   latent_traversal.png/.npz  with a run: a grid through two latent dimensions, pose zero
@@ -244,12 +245,11 @@ def main(args: argparse.Namespace) -> int:
     centres_decoded = None
     if model is not None:
         centres_decoded = avg.decode_centres(model, result.centres)
-        if centre_shifts is not None:  # shown in the frame of the centred averages
-            from particle_vae.conventions import fourier_shift
-            import torch
-
-            centres_decoded = fourier_shift(torch.as_tensor(centres_decoded, dtype=torch.float64),
-                                            torch.as_tensor(-centre_shifts)).numpy().astype(np.float32)
+        if centre_shifts is not None:
+            # shown in the frame of the centred averages: each drawing on its own centre of mass (the origins
+            # that infer writes already centre the particles on the generator's drawing, so the averages'
+            # remaining shifts are not those of the drawings)
+            centres_decoded = np.stack([avg.centre_on_mass(image)[0].numpy() for image in centres_decoded]).astype(np.float32)
         write_stack(paths["centres"], centres_decoded, config.get("pixel_size"), overwrite=True, inputs=inputs)
         written["centres"] = paths["centres"]
         log.info("wrote %s (%d generator images at the cluster centres, pose zero)", paths["centres"], k)

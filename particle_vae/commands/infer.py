@@ -2,7 +2,9 @@
 
 The STAR keeps every input column and the optics block (a RELION 3.0 input is
 upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
-the pvae* latent and confidence columns (see docs/training.md). A .npz with
+the pvae* latent and confidence columns (see docs/training.md). The origins
+centre each particle: the generator's drawing at pose zero is moved so that
+its centre of mass is on the box centre (--no-center: the model's own origins). A .npz with
 the same numbers is written beside it. Example:
 
   particle-vae infer run1 --out run1/particles_pose.star
@@ -28,6 +30,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32 (default) or bf16 autocast: 2-3x faster on GPUs and CPUs with bf16 instructions, "
                              "latents to about 3 significant digits")
+    parser.add_argument("--no-center", action="store_true",
+                        help="write the model's own origins (relative to its drawing at pose zero, which may sit a few pixels "
+                             "off the box centre) instead of origins that centre each particle")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
     from particle_vae.engine.distributed import add_launch_args
 
@@ -48,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
                   device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
-                  overwrite=args.overwrite, context=context, bf16=args.precision == "bf16")
+                  overwrite=args.overwrite, context=context, bf16=args.precision == "bf16",
+                  center=not args.no_center)
     finally:
         ddp.cleanup(context)
     return 0

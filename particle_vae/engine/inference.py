@@ -5,7 +5,14 @@ Output columns (added to, or replacing those of, the input STAR):
 * ``rlnAnglePsi`` (degrees), ``rlnOriginXAngst``, ``rlnOriginYAngst``
   (Angstrom): the in-plane pose in RELION's convention, through
   :func:`particle_vae.conventions.model_pose_to_relion`; Angstrom values do
-  not depend on the model's (possibly downsampled) box.
+  not depend on the model's (possibly downsampled) box. The generator is free
+  to draw its object anywhere in the box at pose zero (the translation prior
+  only loosely ties it to the centre; trained models draw it a few pixels
+  off), so by default the origins are centred: they move each particle onto
+  the generator's pose-zero drawing *shifted so that its centre of mass is on
+  the box centre* (:func:`generator_centres`), which is what RELION expects of
+  an origin. The ``.npz`` keeps the model's own pose (``theta``, ``t_px``) and
+  the centre used (``centre_px``).
 * ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
 * ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
   TARGET-VAE; other models add their own ``pvae*`` readouts.
@@ -136,12 +143,54 @@ def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarr
     return values[np.asarray(predicted, dtype=np.int64) - 1]
 
 
-def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True) -> dict[str, np.ndarray]:
+def generator_centres(model: PoseVAE, z: np.ndarray, representatives: int = 256, seed: int = 0) -> np.ndarray:
+    """Where the generator draws the object of each particle at pose zero.
+
+    The centre of mass of the drawing's positive part
+    (:func:`~particle_vae.analysis.metrics.image_centre_of_mass`, as for class
+    averages) for up to ``representatives`` latent vectors drawn from ``z``;
+    every particle takes the centre of its nearest representative (the drawing
+    changes smoothly with z, and this keeps the cost at a few hundred generator
+    images whatever the number of particles).
+
+    Args:
+        model: a model with a pose (``model.decode(z, theta, t)``).
+        z: ``(N, k)`` latent means (``k = model.zdim``, may be 0).
+    Returns:
+        ``(N, 2)`` float64 ``(x, y)`` pixels of the model box from pixel ``box // 2``;
+        zero where a drawing has no positive part.
+    """
+    from particle_vae.analysis.averages import decode_at_pose_zero
+    from particle_vae.analysis.clustering import nearest_centre
+    from particle_vae.analysis.metrics import image_centre_of_mass
+
+    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1)
+    if len(z) == 0:
+        return np.zeros((0, 2))
+    rows = np.arange(len(z))
+    if len(z) > representatives:
+        rows = np.sort(np.random.default_rng(seed).choice(len(z), representatives, replace=False))
+    codebook = z[rows] if z.shape[1] else np.zeros((1, 0), dtype=np.float32)
+    drawings = decode_at_pose_zero(model, codebook)
+    centres = np.nan_to_num(np.array([image_centre_of_mass(image) for image in drawings]), nan=0.0)
+    if len(codebook) == 1:
+        return np.repeat(centres, len(z), axis=0)
+    return centres[nearest_centre(z, codebook)]
+
+
+def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True,
+                   centres_px: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel.
-    ``pose=False`` (models without a pose) leaves the pose columns out."""
+    ``pose=False`` (models without a pose) leaves the pose columns out;
+    ``centres_px`` ``(N, 2)`` (:func:`generator_centres`) centres the origins."""
     columns = {}
     if pose:
         psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, pixel_size)
+        if centres_px is not None:
+            from particle_vae.analysis.averages import recentred_origins
+
+            origin_x, origin_y = recentred_origins(psi, np.stack([origin_x, origin_y], 1), np.arange(len(psi)),
+                                                   centres_px, pixel_size).T
         columns = {"rlnAnglePsi": np.round(psi, 6), "rlnOriginXAngst": np.round(origin_x, 6), "rlnOriginYAngst": np.round(origin_y, 6)}
     for i in range(result.z_mean.shape[1]):
         columns[f"pvaeZ{i + 1}"] = np.round(result.z_mean[:, i].astype(np.float64), 7)
@@ -205,9 +254,10 @@ def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | Non
 
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
-              overwrite: bool = False, context: DistContext | None = None, bf16: bool = False) -> tuple[Path, Path]:
+              overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
+              center: bool = True) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
-    (``bf16``: see :func:`run_inference`).
+    (``bf16``: see :func:`run_inference`; ``center``: centred origins, see the module docstring).
 
     With several ranks (``context``), each reads out a share and rank 0 writes
     the files; every rank returns the same paths.
@@ -252,13 +302,19 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     def write() -> None:
         if "predicted_class" in result.extra and config.get("class_values"):
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
-        columns = result_columns(result, model_apix, pose=model.has_pose)
+        centres = None
+        if center and model.has_pose:
+            centres = generator_centres(model, result.z_mean)
+            log.info("origins centred on the generator's drawing: its centre of mass is %.2f px from the box centre "
+                     "on average (--no-center: not)", float(np.hypot(*centres.T).mean()) if len(centres) else 0.0)
+        columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
         star = output_star(prepared, columns, out_path)
         star.write(out_path, overwrite=True)
+        extra_arrays = {} if centres is None else {"centre_px": centres}
         with atomic_path(npz_path) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
-                         pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()},
+                         pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()}, **extra_arrays,
                          **{k: v for k, v in columns.items() if k.startswith("rln")})
         log.info("wrote %s (%d particles%s) and %s", out_path, len(result.theta),
                  f", read out by {context.world_size} processes" if context.distributed else "", npz_path)
