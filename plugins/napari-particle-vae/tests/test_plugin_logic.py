@@ -153,6 +153,10 @@ def test_model_handle_decodes_at_pose_zero(sample_run: Path):
     images = model.decode(z)
     assert images.shape == (2, 32, 32) and images.dtype == np.float32 and np.isfinite(images).all()
     assert not np.allclose(images[0], images[1])
+    from particle_vae.analysis.metrics import image_centre_of_mass
+
+    for image in images:  # centred like the aligned particles
+        assert np.abs(image_centre_of_mass(image)).max() < 0.5
     strip, points = model.traverse(z[0], z[1], steps=5)
     assert strip.shape == (5, 32, 32) and points.shape == (5, 2)
     assert np.allclose(strip[0], images[0], atol=1e-5) and np.allclose(strip[-1], images[1], atol=1e-5)

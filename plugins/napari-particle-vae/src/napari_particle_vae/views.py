@@ -9,8 +9,10 @@ Qt-free; the widget runs these functions in worker threads.
   the aligned particles over the whole selection (at most ``max_averaged``,
   a random subset beyond).
 * :class:`ModelHandle`: the run's model, loaded once on CPU or GPU, drawing
-  ``model.decode(z, theta=0, t=0)`` (the generator's centred, upright image) at
-  latent points and along a straight line between two latent points.
+  ``model.decode(z, theta=0, t=0)`` (the generator's upright image, moved so that
+  its centre of mass is on the box centre, the frame of the aligned particles
+  whose origins ``particle-vae infer`` centres the same way) at latent points and
+  along a straight line between two latent points.
 """
 
 from __future__ import annotations
@@ -198,8 +200,9 @@ class ModelHandle:
         return None if value is None else float(value)
 
     def decode(self, z) -> np.ndarray:
-        """``model.decode(z, theta=0, t=0)``: ``(B, k)`` or ``(k,)`` latents -> ``(B, box, box)`` float32 (data units)."""
-        from particle_vae.analysis.averages import decode_at_pose_zero
+        """``model.decode(z, theta=0, t=0)`` centred on its centre of mass: ``(B, k)`` or ``(k,)`` latents
+        -> ``(B, box, box)`` float32 (data units)."""
+        from particle_vae.analysis.averages import centre_on_mass, decode_at_pose_zero
 
         z = np.asarray(z, dtype=np.float64)
         if z.ndim == 1:
@@ -207,7 +210,8 @@ class ModelHandle:
         if z.shape[1] != self.zdim:
             raise ParticleVAEError(f"{self.run_dir}: the model has {self.zdim} latent dimensions but the point has {z.shape[1]}; "
                                    "open the STAR together with the run that wrote it")
-        return decode_at_pose_zero(self.model, z)
+        drawings = decode_at_pose_zero(self.model, z)
+        return np.stack([centre_on_mass(image)[0].numpy() for image in drawings]).astype(np.float32)
 
     def traverse(self, z_start, z_end, steps: int = 9) -> tuple[np.ndarray, np.ndarray]:
         """Decode ``steps`` points on the straight line from ``z_start`` to ``z_end``.
