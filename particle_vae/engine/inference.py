@@ -10,9 +10,11 @@ Output columns (added to, or replacing those of, the input STAR):
   only loosely ties it to the centre; trained models draw it a few pixels
   off), so by default the origins are centred: they move each particle onto
   the generator's pose-zero drawing *shifted so that its centre of mass is on
-  the box centre* (:func:`generator_centres`), which is what RELION expects of
-  an origin. The ``.npz`` keeps the model's own pose (``theta``, ``t_px``) and
-  the centre used (``centre_px``).
+  the box centre* (:func:`generator_centres`), then, as the drawing only
+  approximates where the data sit, on the centre of mass of the aligned
+  particles themselves, per group of latents (:func:`data_centres`): what
+  RELION expects of an origin. The ``.npz`` keeps the model's own pose
+  (``theta``, ``t_px``) and the centre used (``centre_px``).
 * ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
 * ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
   TARGET-VAE; other models add their own ``pvae*`` readouts.
@@ -178,6 +180,34 @@ def generator_centres(model: PoseVAE, z: np.ndarray, representatives: int = 256,
     return centres[nearest_centre(z, codebook)]
 
 
+def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray, pixel_size: float,
+                 groups: int = 8, seed: int = 0) -> np.ndarray:
+    """Where the particles, aligned with their pose, have their centre of mass, per group of latents.
+
+    The generator's drawing only approximates where the data sit in its frame.
+    The particles are split into up to ``groups`` k-means groups of their
+    latents; each group's aligned average (as ``particle-vae analyze`` makes it)
+    gives the centre of mass of its positive part.
+
+    Args:
+        prepared: the particles (at the model's box), ``index`` = row.
+        z: ``(N, k)`` latent means; psi_deg ``(N,)`` and origin_angst ``(N, 2)``: the poses to align with.
+        pixel_size: Angstrom per pixel of the particles.
+    Returns:
+        ``(N, 2)`` float64 ``(x, y)`` pixels from pixel ``box // 2``, in the aligned frame.
+    """
+    from particle_vae.analysis.averages import centre_averages, class_averages
+    from particle_vae.analysis.clustering import fit_clusters
+
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    k = min(groups, len(z))
+    labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
+    k = int(labels.max()) + 1
+    averages = class_averages(prepared.dataset, labels, k, (np.asarray(psi_deg), np.asarray(origin_angst)), pixel_size,
+                              gallery_size=0)
+    return centre_averages(averages)[labels]
+
+
 def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True,
                    centres_px: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel.
@@ -303,10 +333,16 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
         if "predicted_class" in result.extra and config.get("class_values"):
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
         centres = None
-        if center and model.has_pose:
+        if center and model.has_pose and len(result.theta):
             centres = generator_centres(model, result.z_mean)
             log.info("origins centred on the generator's drawing: its centre of mass is %.2f px from the box centre "
-                     "on average (--no-center: not)", float(np.hypot(*centres.T).mean()) if len(centres) else 0.0)
+                     "on average (--no-center: not)", float(np.hypot(*centres.T).mean()))
+            centred = result_columns(result, model_apix, centres_px=centres)
+            residual = data_centres(prepared, result.z_mean, centred["rlnAnglePsi"],
+                                    np.stack([centred["rlnOriginXAngst"], centred["rlnOriginYAngst"]], 1), model_apix)
+            log.info("then on the aligned particles themselves, per latent group: moved by %.2f px on average",
+                     float(np.hypot(*residual.T).mean()))
+            centres = centres + residual  # both are shifts in the aligned frame, which the first one only moves
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
         star = output_star(prepared, columns, out_path)
         star.write(out_path, overwrite=True)
