@@ -1,4 +1,4 @@
-"""Centred origins at inference: where the generator draws its object at pose zero."""
+"""Centred origins at inference: where the aligned particles of each latent group have their object."""
 
 from __future__ import annotations
 
@@ -6,36 +6,32 @@ import numpy as np
 import torch
 
 from particle_vae.conventions import pixel_grid
-from particle_vae.engine.inference import InferenceResult, generator_centres, result_columns
+from particle_vae.engine.inference import InferenceResult, data_centres, result_columns
 
 
-class BlobGenerator(torch.nn.Module):
-    """Draws a Gaussian blob at pose zero whose centre is ``(2 z_0, -z_1)`` pixels (x, y)."""
+def test_data_centres_find_each_group_s_object_in_the_aligned_frame():
+    """Two kinds of particle (latents near -3 and +3), each an object whose centre, once the
+    particle is aligned with its pose, sits at its own offset ``d``: every particle gets its group's ``d``."""
+    from particle_vae.conventions import relion_to_model_pose, warp_images
+    from particle_vae.data.memory import ArrayDataset
+    from particle_vae.engine.data import PreparedData
 
-    zdim = 2
-    box = 33
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # decode_at_pose_zero asks the parameters for the device
-
-    def decode(self, z, theta, t):
-        assert torch.all(theta == 0) and torch.all(t == 0)
-        centre = torch.stack([2 * z[:, 0], -z[:, 1]], -1)  # (B, 2)
-        grid = pixel_grid(self.box)  # (N, N, 2) x, y from pixel box // 2
-        return torch.exp(-((grid[None] - centre[:, None, None]) ** 2).sum(-1) / (2 * 2.0 ** 2))
-
-
-def test_generator_centres_find_the_drawn_object_for_every_particle():
-    rng = np.random.default_rng(0)
-    z = rng.uniform(-2, 2, size=(1000, 2))
-    centres = generator_centres(BlobGenerator(), z, representatives=300)
-    expected = np.stack([2 * z[:, 0], -z[:, 1]], 1)
-    error = np.abs(centres - expected)
-    # 300 drawings for 1000 particles: each takes the nearest representative's centre
-    assert np.median(error) < 0.2 and error.max() < 1.0
-    exact = generator_centres(BlobGenerator(), z[:50], representatives=300)  # every particle drawn
-    assert np.abs(exact - expected[:50]).max() < 0.05
+    rng = np.random.default_rng(1)
+    box, apix, n = 33, 2.0, 60
+    offsets = np.array([[3.0, -2.0], [-1.5, 2.5]])
+    kind = np.repeat([0, 1], n // 2)
+    z = np.stack([np.where(kind == 0, -3.0, 3.0) + rng.normal(0, 0.2, n), rng.normal(0, 0.2, n)], 1)
+    psi = rng.uniform(-180, 180, n)
+    origin = rng.normal(0, 2.0, (n, 2)) * apix
+    grid = pixel_grid(box).double()
+    particles = []
+    for i in range(n):
+        aligned = torch.exp(-((grid - torch.as_tensor(offsets[kind[i]])) ** 2).sum(-1) / (2 * 2.0 ** 2))[None]
+        theta, t = relion_to_model_pose(psi[i:i + 1], origin[i:i + 1, 0], origin[i:i + 1, 1], apix)
+        particles.append(warp_images(aligned, torch.as_tensor(theta), torch.as_tensor(t), mode="bicubic")[0].numpy())
+    prepared = PreparedData(dataset=ArrayDataset(np.stack(particles)), box=box, pixel_size=apix)
+    centres = data_centres(prepared, z, psi, origin, apix, groups=2)
+    assert np.abs(centres - offsets[kind]).max() < 0.2
 
 
 def test_centred_origins_move_the_particle_centre_to_the_box_centre():

@@ -164,10 +164,10 @@ def test_shuffled_angles_fail_the_upright_check(mixture):
 
 
 def test_inferred_origins_follow_the_true_particle_centres(mixture):
-    """``infer`` centres its origins, first on the generator's drawing (its centre of mass on the
-    box centre), then on the aligned particles of each latent group: they follow the true shifts
-    (measured: Pearson 0.86 per axis; 0.39 with the first step alone), where the model's own
-    origins, relative to a drawing 5 px off-centre, did not (-0.11 and -0.13)."""
+    """``infer`` centres its origins on the aligned particles of each latent group (the centre of
+    mass of the group's average on the box centre): they follow the true shifts (measured: Pearson
+    0.85 per axis), where the model's own origins, relative to a generator that draws its object
+    5 px off-centre, did not (-0.11 and -0.13)."""
     inferred = mixture["inferred"]
     for axis in ("X", "Y"):
         r = np.corrcoef(inferred[f"rlnOrigin{axis}Angst"], inferred[f"pvaeTrueOrigin{axis}Angst"])[0, 1]

@@ -3,9 +3,9 @@
 The STAR keeps every input column and the optics block (a RELION 3.0 input is
 upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
 the pvae* latent and confidence columns (see docs/training.md). The origins
-centre each particle: on the centre of mass of the generator's drawing at pose
-zero, then of the aligned particles of each latent group (--no-center: the
-model's own origins). A .npz with the same numbers is written beside it. Example:
+centre each particle: on the centre of mass of the aligned particles of each
+latent group (--no-center: the model's own origins, relative to the generator's
+drawing, which may sit a few pixels off the box centre). A .npz with the same numbers is written beside it. Example:
 
   particle-vae infer run1 --out run1/particles_pose.star
   particle-vae infer run1 --out run1/particles_pose.star --gpus 4     # sharded over 4 GPUs, one STAR in input order

@@ -8,13 +8,12 @@ Output columns (added to, or replacing those of, the input STAR):
   not depend on the model's (possibly downsampled) box. The generator is free
   to draw its object anywhere in the box at pose zero (the translation prior
   only loosely ties it to the centre; trained models draw it a few pixels
-  off), so by default the origins are centred: they move each particle onto
-  the generator's pose-zero drawing *shifted so that its centre of mass is on
-  the box centre* (:func:`generator_centres`), then, as the drawing only
-  approximates where the data sit, on the centre of mass of the aligned
-  particles themselves, per group of latents (:func:`data_centres`): what
-  RELION expects of an origin. The ``.npz`` keeps the model's own pose
-  (``theta``, ``t_px``) and the centre used (``centre_px``).
+  off), and the model's own origins align each particle onto that drawing. By
+  default the origins are centred instead: the particles aligned with the
+  model's pose are averaged per group of latents and each group is moved so
+  that its average's centre of mass is on the box centre (:func:`data_centres`),
+  which is what RELION expects of an origin. The ``.npz`` keeps the model's
+  own pose (``theta``, ``t_px``) and the shift applied (``centre_px``).
 * ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
 * ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
   TARGET-VAE; other models add their own ``pvae*`` readouts.
@@ -145,49 +144,15 @@ def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarr
     return values[np.asarray(predicted, dtype=np.int64) - 1]
 
 
-def generator_centres(model: PoseVAE, z: np.ndarray, representatives: int = 256, seed: int = 0) -> np.ndarray:
-    """Where the generator draws the object of each particle at pose zero.
-
-    The centre of mass of the drawing's positive part
-    (:func:`~particle_vae.analysis.metrics.image_centre_of_mass`, as for class
-    averages) for up to ``representatives`` latent vectors drawn from ``z``;
-    every particle takes the centre of its nearest representative (the drawing
-    changes smoothly with z, and this keeps the cost at a few hundred generator
-    images whatever the number of particles).
-
-    Args:
-        model: a model with a pose (``model.decode(z, theta, t)``).
-        z: ``(N, k)`` latent means (``k = model.zdim``, may be 0).
-    Returns:
-        ``(N, 2)`` float64 ``(x, y)`` pixels of the model box from pixel ``box // 2``;
-        zero where a drawing has no positive part.
-    """
-    from particle_vae.analysis.averages import decode_at_pose_zero
-    from particle_vae.analysis.clustering import nearest_centre
-    from particle_vae.analysis.metrics import image_centre_of_mass
-
-    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1)
-    if len(z) == 0:
-        return np.zeros((0, 2))
-    rows = np.arange(len(z))
-    if len(z) > representatives:
-        rows = np.sort(np.random.default_rng(seed).choice(len(z), representatives, replace=False))
-    codebook = z[rows] if z.shape[1] else np.zeros((1, 0), dtype=np.float32)
-    drawings = decode_at_pose_zero(model, codebook)
-    centres = np.nan_to_num(np.array([image_centre_of_mass(image) for image in drawings]), nan=0.0)
-    if len(codebook) == 1:
-        return np.repeat(centres, len(z), axis=0)
-    return centres[nearest_centre(z, codebook)]
-
-
 def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray, pixel_size: float,
                  groups: int = 8, seed: int = 0) -> np.ndarray:
     """Where the particles, aligned with their pose, have their centre of mass, per group of latents.
 
-    The generator's drawing only approximates where the data sit in its frame.
     The particles are split into up to ``groups`` k-means groups of their
-    latents; each group's aligned average (as ``particle-vae analyze`` makes it)
-    gives the centre of mass of its positive part.
+    latents (groups of similar particles, whose aligned average is sharp); each
+    group's aligned average (as ``particle-vae analyze`` makes it) gives the
+    centre of mass of its positive part
+    (:func:`~particle_vae.analysis.averages.centre_averages`).
 
     Args:
         prepared: the particles (at the model's box), ``index`` = row.
@@ -212,7 +177,7 @@ def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True
                    centres_px: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """STAR columns for a result; ``pixel_size`` is Angstrom per *model* pixel.
     ``pose=False`` (models without a pose) leaves the pose columns out;
-    ``centres_px`` ``(N, 2)`` (:func:`generator_centres`) centres the origins."""
+    ``centres_px`` ``(N, 2)`` (:func:`data_centres`) centres the origins."""
     columns = {}
     if pose:
         psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, pixel_size)
@@ -334,15 +299,11 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
         centres = None
         if center and model.has_pose and len(result.theta):
-            centres = generator_centres(model, result.z_mean)
-            log.info("origins centred on the generator's drawing: its centre of mass is %.2f px from the box centre "
-                     "on average (--no-center: not)", float(np.hypot(*centres.T).mean()))
-            centred = result_columns(result, model_apix, centres_px=centres)
-            residual = data_centres(prepared, result.z_mean, centred["rlnAnglePsi"],
-                                    np.stack([centred["rlnOriginXAngst"], centred["rlnOriginYAngst"]], 1), model_apix)
-            log.info("then on the aligned particles themselves, per latent group: moved by %.2f px on average",
-                     float(np.hypot(*residual.T).mean()))
-            centres = centres + residual  # both are shifts in the aligned frame, which the first one only moves
+            own = result_columns(result, model_apix)
+            centres = data_centres(prepared, result.z_mean, own["rlnAnglePsi"],
+                                   np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1), model_apix)
+            log.info("origins centred on the aligned particles of each latent group: moved by %.2f px on average "
+                     "(--no-center: not)", float(np.hypot(*centres.T).mean()))
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
         star = output_star(prepared, columns, out_path)
         star.write(out_path, overwrite=True)
