@@ -34,9 +34,9 @@ import torch
 
 from particle_vae.conventions import grid_half_width, pixel_grid, rotation_matrix, wrap_angle
 from particle_vae.models.base import LossTerms, PoseVAE, Readout, concatenate_readouts
+from particle_vae.nn.cpu_threads import map_in_cpu_threads
 from particle_vae.nn.equivariant import GroupConvEncoder
 from particle_vae.nn.generator import SpatialGenerator
-from particle_vae.nn.cpu_threads import map_in_cpu_threads
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
 SUBPIXEL_PRIOR_STD = 0.5  # pixels: the offset stays inside its cell
@@ -305,9 +305,10 @@ class TargetVAE(PoseVAE):
         ``rotation_entropy`` (entropy of q(r') in nats).
 
         On the CPU the batch is read out a few images at a time
-        (:meth:`readout_chunk`), one chunk per thread: the encoder's activations
-        (about 12,000 cells x 128 fields per image at the paper's MNIST setting) then stay in the caches, and the threads work side by side
-        instead of splitting every product (about 1.3 times faster on two
+        (:meth:`readout_chunk`), one chunk per thread: the encoder's
+        activations (about 12,000 cells x 128 fields per image at the paper's
+        MNIST setting) then stay in the caches, and the threads work side by
+        side instead of splitting every product (about 1.3 times faster on two
         cores). On GPUs the batch goes whole.
         """
         chunk = self.readout_chunk()
