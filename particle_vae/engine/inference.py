@@ -145,7 +145,7 @@ def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarr
 
 
 def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray, pixel_size: float,
-                 groups: int = 8, seed: int = 0) -> np.ndarray:
+                 groups: int = 8, seed: int = 0, num_workers: int = 0) -> np.ndarray:
     """Where the particles, aligned with their pose, have their centre of mass, per group of latents.
 
     The particles are split into up to ``groups`` k-means groups of their
@@ -158,6 +158,7 @@ def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, ori
         prepared: the particles (at the model's box), ``index`` = row.
         z: ``(N, k)`` latent means; psi_deg ``(N,)`` and origin_angst ``(N, 2)``: the poses to align with.
         pixel_size: Angstrom per pixel of the particles.
+        num_workers: reader processes for the pass over the particles.
     Returns:
         ``(N, 2)`` float64 ``(x, y)`` pixels from pixel ``box // 2``, in the aligned frame.
     """
@@ -169,7 +170,7 @@ def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, ori
     labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
     k = int(labels.max()) + 1
     averages = class_averages(prepared.dataset, labels, k, (np.asarray(psi_deg), np.asarray(origin_angst)), pixel_size,
-                              gallery_size=0)
+                              gallery_size=0, num_workers=num_workers)
     return centre_averages(averages)[labels]
 
 
@@ -301,7 +302,8 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
         if center and model.has_pose and len(result.theta):
             own = result_columns(result, model_apix)
             centres = data_centres(prepared, result.z_mean, own["rlnAnglePsi"],
-                                   np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1), model_apix)
+                                   np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1), model_apix,
+                                   num_workers=num_workers)
             log.info("origins centred on the aligned particles of each latent group: moved by %.2f px on average "
                      "(--no-center: not)", float(np.hypot(*centres.T).mean()))
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
