@@ -144,8 +144,9 @@ def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarr
     return values[np.asarray(predicted, dtype=np.int64) - 1]
 
 
-def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, origin_angst: np.ndarray, pixel_size: float,
-                 groups: int = 8, seed: int = 0, num_workers: int = 0) -> np.ndarray:
+def data_centres(prepared: PreparedData, z: np.ndarray | None, psi_deg: np.ndarray | None, origin_angst: np.ndarray | None,
+                 pixel_size: float, groups: int = 8, seed: int = 0, num_workers: int = 0,
+                 context: DistContext | None = None) -> np.ndarray | None:
     """Where the particles, aligned with their pose, have their centre of mass, per group of latents.
 
     The particles are split into up to ``groups`` k-means groups of their
@@ -156,22 +157,44 @@ def data_centres(prepared: PreparedData, z: np.ndarray, psi_deg: np.ndarray, ori
 
     Args:
         prepared: the particles (at the model's box), ``index`` = row.
-        z: ``(N, k)`` latent means; psi_deg ``(N,)`` and origin_angst ``(N, 2)``: the poses to align with.
+        z: ``(N, k)`` latent means; psi_deg ``(N,)`` and origin_angst ``(N, 2)``: the poses to align with
+            (needed on rank 0 only; other ranks pass ``None``).
         pixel_size: Angstrom per pixel of the particles.
         num_workers: reader processes for the pass over the particles.
+        context: with several ranks each averages a contiguous share of the particles and the
+            sums are added up, so that no rank reads them all.
     Returns:
-        ``(N, 2)`` float64 ``(x, y)`` pixels from pixel ``box // 2``, in the aligned frame.
+        ``(N, 2)`` float64 ``(x, y)`` pixels from pixel ``box // 2``, in the aligned frame, on
+        rank 0 (``None`` on the other ranks).
     """
-    from particle_vae.analysis.averages import centre_averages, class_averages
+    from particle_vae.analysis.averages import ClassAverages, centre_averages, class_averages
     from particle_vae.analysis.clustering import fit_clusters
 
-    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
-    k = min(groups, len(z))
-    labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
+    context = context or SINGLE
+    plan = None
+    if context.is_main:
+        z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+        k = min(groups, len(z))
+        labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
+        plan = (labels, np.asarray(psi_deg, dtype=np.float64), np.asarray(origin_angst, dtype=np.float64))
+    labels, psi_deg, origin_angst = ddp.broadcast_object(context, plan) if context.distributed else plan
     k = int(labels.max()) + 1
-    averages = class_averages(prepared.dataset, labels, k, (np.asarray(psi_deg), np.asarray(origin_angst)), pixel_size,
-                              gallery_size=0, num_workers=num_workers)
-    return centre_averages(averages)[labels]
+    start, stop = ddp.shard_bounds(len(labels), context)
+    box = prepared.box
+    sums, counts = torch.zeros((k, box, box), dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    if stop > start:
+        share = IndexSubset(prepared.dataset, np.arange(start, stop, dtype=np.int64)) if context.distributed else prepared.dataset
+        part = class_averages(share, labels, k, (psi_deg, origin_angst), pixel_size, gallery_size=0, num_workers=num_workers)
+        counts = torch.as_tensor(part.counts, dtype=torch.float64)
+        sums = torch.as_tensor(part.averages, dtype=torch.float64) * counts[:, None, None]
+    total = ddp.all_reduce_sum(context, torch.cat([sums.reshape(-1), counts]))
+    if not context.is_main:
+        return None
+    counts = total[-k:]
+    averages = (total[:-k].reshape(k, box, box) / counts.clamp_min(1.0)[:, None, None]).numpy().astype(np.float32)
+    gathered = ClassAverages(averages=averages, counts=counts.numpy().astype(np.int64), aligned=True,
+                             gallery=np.zeros((k, 0, box, box), dtype=np.float32), gallery_index=np.zeros((k, 0), dtype=np.int64))
+    return centre_averages(gathered)[labels]
 
 
 def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True,
@@ -295,17 +318,21 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers, context=context,
                            bf16=bf16)
 
+    centres = None
+    if center and model.has_pose:
+        # every rank averages a share of the particles; rank 0 (which holds the result) plans the groups
+        z = psi = origin = None
+        if context.is_main:
+            own = result_columns(result, model_apix)
+            z, psi, origin = result.z_mean, own["rlnAnglePsi"], np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1)
+        centres = data_centres(prepared, z, psi, origin, model_apix, num_workers=num_workers, context=context)
+        if centres is not None:
+            log.info("origins centred on the aligned particles of each latent group: moved by %.2f px on average "
+                     "(--no-center: not)", float(np.hypot(*centres.T).mean()))
+
     def write() -> None:
         if "predicted_class" in result.extra and config.get("class_values"):
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
-        centres = None
-        if center and model.has_pose and len(result.theta):
-            own = result_columns(result, model_apix)
-            centres = data_centres(prepared, result.z_mean, own["rlnAnglePsi"],
-                                   np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1), model_apix,
-                                   num_workers=num_workers)
-            log.info("origins centred on the aligned particles of each latent group: moved by %.2f px on average "
-                     "(--no-center: not)", float(np.hypot(*centres.T).mean()))
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
         star = output_star(prepared, columns, out_path)
         star.write(out_path, overwrite=True)
