@@ -323,8 +323,8 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
         # every rank averages a share of the particles; rank 0 (which holds the result) plans the groups
         z = psi = origin = None
         if context.is_main:
-            own = result_columns(result, model_apix)
-            z, psi, origin = result.z_mean, own["rlnAnglePsi"], np.stack([own["rlnOriginXAngst"], own["rlnOriginYAngst"]], 1)
+            psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, model_apix)  # the model's own pose
+            z, origin = result.z_mean, np.stack([origin_x, origin_y], 1)
         centres = data_centres(prepared, z, psi, origin, model_apix, num_workers=num_workers, context=context)
         if centres is not None:
             log.info("origins centred on the aligned particles of each latent group: moved by %.2f px on average "

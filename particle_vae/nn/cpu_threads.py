@@ -7,6 +7,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from particle_vae.nn.precision import autocast_state
+
 Result = TypeVar("Result")
 
 
@@ -32,10 +34,7 @@ def map_in_cpu_threads(function: Callable[[torch.Tensor], Result], inputs: Seque
     if threads <= 1 or len(inputs) <= 1:
         return [function(x) for x in inputs]
     grad = torch.is_grad_enabled()
-    try:
-        autocast, autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    except TypeError:  # torch < 2.4: no per-device autocast queries
-        autocast, autocast_dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    autocast, autocast_dtype = autocast_state("cpu")
 
     def work(x):
         torch.set_num_threads(1)
