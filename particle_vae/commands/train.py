@@ -245,14 +245,11 @@ def _main(args: argparse.Namespace, context) -> int:
     if args.resume:
         def read_config():
             config = run.read_config()
-            if args.epochs is not None and args.epochs != config["train"]["epochs"]:
-                config["train"]["epochs"] = args.epochs  # extending a finished run
-                run.write_config(config)
-            if args.max_steps is not None and args.max_steps != config["train"].get("max_steps"):
-                config["train"]["max_steps"] = args.max_steps
-                run.write_config(config)
-            if args.compile and not config["train"].get("compile"):
-                config["train"]["compile"] = True  # the same computation, compiled
+            # settings a resumed run may change: more epochs or steps (extending a run), compiling the same computation
+            changes = {"epochs": args.epochs, "max_steps": args.max_steps, "compile": True if args.compile else None}
+            changes = {key: value for key, value in changes.items() if value is not None and value != config["train"].get(key)}
+            if changes:
+                config["train"].update(changes)
                 run.write_config(config)
             return config
 
