@@ -17,12 +17,18 @@ Configurations (name: box, group order, fields, kernel, padding, generator):
 
 Precisions: ``fp32``, and ``bf16`` (autocast; on CPU it pays off on processors
 with AVX512-BF16 or AMX, where bf16 matrix products run several times faster).
+
+Also printed: the page faults per timed training step (CPU; see
+docs/performance.md on huge pages, which ``THP_MEM_ALLOC_ENABLE=0`` turns off for
+a comparison). ``--compile`` runs the training step through ``torch.compile``
+(the compilation happens in the warm-up steps and is timed separately).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -50,7 +56,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.device, precision: str = "fp32") -> dict:
+def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.device, precision: str = "fp32",
+            compile_step: bool = False) -> dict:
     torch.manual_seed(0)
     config = TargetVAEConfig(zdim=2, **CONFIGS[name])
     model = TargetVAE(config).to(device)
@@ -60,9 +67,11 @@ def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.d
         torch.cuda.reset_peak_memory_stats(device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
+    loss = torch.compile(model.loss) if compile_step else model.loss
+
     def step():
         with torch.autocast(**autocast):
-            terms = model.loss(images)
+            terms = loss(images)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -71,14 +80,18 @@ def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.d
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
+    warmup_s = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
     train_rate = steps * batch_size / (time.perf_counter() - start)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     model.eval()
     passes = max(steps, 5)  # a readout pass is short: average over more of them
     with torch.no_grad(), torch.autocast(**autocast):
@@ -89,9 +102,10 @@ def measure(name: str, batch_size: int, steps: int, warmup: int, device: torch.d
             model.readout(images)
         sync()
     infer_rate = passes * batch_size / (time.perf_counter() - start)
-    return {"config": name, **CONFIGS[name], "precision": precision, "batch_size": batch_size, "train_images_per_s": round(train_rate, 2),
-            "infer_particles_per_s": round(infer_rate, 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {"config": name, **CONFIGS[name], "precision": precision, "compile": compile_step, "batch_size": batch_size,
+            "train_images_per_s": round(train_rate, 2), "infer_particles_per_s": round(infer_rate, 1),
+            "peak_memory_mb": round(peak_memory_mb(device), 1), "page_faults_per_step": int(faults_per_step),
+            "warmup_s": round(warmup_s, 1), "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def main(argv=None) -> list[dict]:
@@ -102,6 +116,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (compiled during the warm-up)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -109,15 +124,16 @@ def main(argv=None) -> list[dict]:
     unknown = set(precisions) - {"fp32", "bf16"}
     if unknown:
         parser.error(f"unknown precision(s) {sorted(unknown)}; use fp32 and/or bf16")
-    rows = [measure(name, args.batch_size, args.steps, args.warmup, device, precision)
+    rows = [measure(name, args.batch_size, args.steps, args.warmup, device, precision, compile_step=args.compile)
             for name in args.configs.split(",") for precision in precisions]
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {hardware}; torch {torch.__version__}")
-    print("| config | box | P_r | fields | precision | train img/s | infer particles/s | peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; compile: {args.compile}")
+    print("| config | box | P_r | fields | precision | train img/s | infer particles/s | peak MB | page faults/step | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['config']} | {row['box']} | P{row['group_order']} | {row['n_fields']} | {row['precision']} | {row['train_images_per_s']} | "
-              f"{row['infer_particles_per_s']} | {row['peak_memory_mb']} |")
+              f"{row['infer_particles_per_s']} | {row['peak_memory_mb']} | {row['page_faults_per_step']} | {row['warmup_s']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # Large CPU tensors in transparent huge pages (PyTorch >= 2.3 reads this variable once, at its first
 # allocation, so it only takes effect when particle_vae is imported before torch, as the command line
-# does). Without it, the page faults on the fresh activations of every step (hundreds of MB) took half
-# of a CPU training step of the paper's MNIST model (10.6 against 19.4 images/s on 2 cores; see
-# docs/performance.md). Set THP_MEM_ALLOC_ENABLE=0 to turn it off.
+# does). Without it, the page faults on the fresh activations of every step (hundreds of MB) cost a
+# large share of a CPU training step (see docs/performance.md for the measurement). Set
+# THP_MEM_ALLOC_ENABLE=0 to turn it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -308,8 +308,8 @@ class TargetVAE(PoseVAE):
         (:meth:`readout_chunk`), one chunk per thread: the encoder's
         activations (about 12,000 cells x 128 fields per image at the paper's
         MNIST setting) then stay in the caches, and the threads work side by
-        side instead of splitting every product (about 1.3 times faster on two
-        cores). On GPUs the batch goes whole.
+        side instead of splitting every product (faster on two cores in our
+        measurements). On GPUs the batch goes whole.
         """
         chunk = self.readout_chunk()
         if images.device.type == "cpu" and images.shape[0] > chunk:

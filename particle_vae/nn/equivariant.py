@@ -176,8 +176,8 @@ class GroupConvEncoder(nn.Module):
         return x
 
     def _quarter_turn_filters(self, dtype: torch.dtype) -> dict | None:
-        """The weights of the inference path in ``dtype`` (casting them once instead of at every
-        product saves about 5% at the paper's MNIST setting): the first layer's quarter-turn
+        """The weights of the inference path in ``dtype`` (cast once instead of by autocast at every
+        product): the first layer's quarter-turn
         harmonics and ``"mixing"``, the 1x1 layers' ``(weight, bias)``; ``None`` where the
         harmonics do not apply (``r`` not divisible by 4). Cached while the layers are in eval
         mode (e2cnn's filter is then fixed)."""
