@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from particle_vae import __version__
@@ -25,6 +26,9 @@ COMMANDS = {
 }
 
 log = logging.getLogger("particle_vae")
+
+#: what argparse takes for a negative number rather than an option: also 1e9 notation (``select --box -1e9 1e9 ...``)
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$", re.IGNORECASE)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -45,6 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"particle_vae.commands.{module_name}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        command._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own misses -1e9
         module.add_args(command)
         command.set_defaults(_handler=module.main)
     return parser
@@ -82,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as error:  # the file system refused (permissions, a full disk, a file where a folder should be)
+        if error.errno is None:
+            raise
+        log.debug("file system error", exc_info=True)
+        where = f"{error.filename}: " if error.filename is not None else ""
+        print(f"particle-vae {args.command}: error: {where}{error.strerror or error}; check the path, its permissions "
+              f"and the free space", file=sys.stderr)
+        return EXIT_USER_ERROR
     return EXIT_OK if result is None else int(result)
 
 

@@ -91,8 +91,12 @@ def test_encoder_inference_path_equals_the_training_path(group_order, kernel):
             half = encoder(images)
     assert encoder._harmonics_cache[1] is not None  # the harmonic path ran
     scale = direct.abs().max()
+    # float32 both ways, the first layer's 784 (or fewer) products summed in another order: a reordered float32 sum
+    # moves by about sqrt(n) * 2^-24 of its terms' size (28 * 6e-8 here), far below 1e-5 of the outputs' size
     assert (fast - direct).abs().max() < 1e-5 * scale
-    assert (half.float() - direct).abs().max() < 3e-2 * scale  # bf16 products (the direct bf16 path: about 1e-2)
+    # bf16: the first layer rounds its input, filters and output, each 1 x 1 layer its weights and output (9
+    # roundings of up to 2^-8 along the chain; measured: about 2 of them)
+    assert (half.float() - direct).abs().max() < 9 * 2.0 ** -8 * scale
 
 
 def test_encoder_falls_back_where_the_symmetry_does_not_hold():

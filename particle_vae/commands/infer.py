@@ -1,5 +1,12 @@
 """Read out per-particle pose and latents with a trained run; write a STAR file.
 
+By default the model's poses are then refined by a likelihood search against
+class references (seeded by k-means groups of the latents and the model's
+poses, each particle scored with its own CTF; a few EM iterations, as in 2D
+classification), and the refined poses are written to the RELION columns with
+their uncertainty (pvaeAnglePsiStd, degrees) and class (pvaeRefineClass);
+--no-refine writes the model's own poses.
+
 The STAR keeps every input column and the optics block (a RELION 3.0 input is
 upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
 the pvae* latent and confidence columns (see docs/training.md). The origins
@@ -33,6 +40,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-center", action="store_true",
                         help="write the model's own origins (relative to its drawing at pose zero, which may sit a few pixels "
                              "off the box centre) instead of origins that centre each particle")
+    refine = parser.add_argument_group("pose refinement (on by default; see docs/training.md)")
+    refine.add_argument("--no-refine", action="store_true",
+                        help="write the model's own poses instead of refining them by likelihood search against class references")
+    refine.add_argument("--refine-iterations", type=int, default=8, help="expectation-maximisation iterations (default 8)")
+    refine.add_argument("--refine-classes", type=int, default=10,
+                        help="class references, seeded by k-means of the latents (default 10; more for many distinct views)")
+    refine.add_argument("--refine-angle-step", type=float, default=5.0,
+                        help="degrees between searched angles (default 5; each pose is then refined below the step)")
+    refine.add_argument("--refine-max-shift", type=int, help="largest particle shift searched, pixels of the refined images "
+                                                               "(default an eighth of the box, at most 6)")
+    refine.add_argument("--refine-box", type=int, default=128,
+                        help="refine on particles Fourier-cropped to at most this box, pixels (default 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
     from particle_vae.engine.distributed import add_launch_args
 
@@ -47,6 +66,20 @@ def main(args: argparse.Namespace) -> int:
 
     if ddp.wants_launch(args):
         return ddp.relaunch(args, args._launch_parser, "infer")
+    from particle_vae.errors import ParticleVAEError
+
+    refine = None
+    if not args.no_refine:
+        from particle_vae.engine.refine import RefineSettings
+
+        for name in ("refine_iterations", "refine_classes", "refine_box", "refine_max_shift"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ParticleVAEError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 < args.refine_angle_step <= 90:
+            raise ParticleVAEError(f"--refine-angle-step must lie in (0, 90] degrees, got {args.refine_angle_step}")
+        refine = RefineSettings(iterations=args.refine_iterations, n_psi=max(4, round(360.0 / args.refine_angle_step)),
+                                max_shift=args.refine_max_shift, device="auto" if args.device == "auto" else args.device)
     context = ddp.init_distributed(args.device)
     if not context.is_main:
         logging.getLogger("particle_vae").setLevel(logging.WARNING)
@@ -54,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
                   device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
                   overwrite=args.overwrite, context=context, bf16=args.precision == "bf16",
-                  center=not args.no_center)
+                  center=not args.no_center, refine=refine, refine_classes=args.refine_classes, refine_box=args.refine_box)
     finally:
         ddp.cleanup(context)
     return 0

@@ -44,6 +44,8 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
         "pixel_size_angst": source.pixel_size,
         "pixel_size_from": source.pixel_size_from,
     }
+    if source.pixel_size is None:
+        summary["pixel_size_missing"] = f"{source.missing_pixel_size()}; train and infer need --pixel-size (Angstrom per pixel)"
     star = source.star
     if star is not None:
         summary["star_format"] = "RELION 3.1+" if star.is_relion31 else "RELION 3.0"
@@ -83,7 +85,10 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
 def format_summary(summary: dict) -> str:
     """Human-readable multi-line text for :func:`summarize`'s result."""
     apix = summary["pixel_size_angst"]
-    apix_text = "unknown" if apix is None else f"{apix:g} A (from {summary['pixel_size_from']})"
+    if apix is None:
+        apix_text = f"unknown: {summary.get('pixel_size_missing', 'the input gives none')}"
+    else:
+        apix_text = f"{apix:g} A (from {summary['pixel_size_from']})"
     lines = [
         f"{summary['path']}: {summary.get('star_format', summary['kind'])}",
         f"  particles       {summary['particles']}",

@@ -48,6 +48,32 @@ PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed",
                  "num_workers", "device", "max_steps", "compile")
 
+#: option dest -> (test of a given value, what the value must be); checked before anything is read or written
+OPTION_LIMITS = {
+    "epochs": (lambda v: v >= 1, "a whole number of at least 1"),
+    "batch_size": (lambda v: v >= 1, "a whole number of at least 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number, e.g. 1e-4"),
+    "val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.1"),
+    "lr_patience": (lambda v: v >= 0, "a whole number of at least 0"),
+    "early_stop_patience": (lambda v: v >= 0, "a whole number of at least 0 (0: never stop early)"),
+    "seed": (lambda v: v >= 0, "a whole number of at least 0"),
+    "num_workers": (lambda v: v >= 0, "a whole number of at least 0 (0: read in the main process)"),
+    "max_steps": (lambda v: v >= 1, "a whole number of at least 1"),
+    "n": (lambda v: v >= 1, "a whole number of at least 1"),
+    "labels": (lambda v: v >= 0, "a whole number of at least 0"),
+    "downsample_to": (lambda v: v >= 1, "a box size of at least 1 pixel"),
+    "crop_to": (lambda v: v >= 1, "a box size of at least 1 pixel"),
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """A one-line error for the first option in :data:`OPTION_LIMITS` whose value is out of range."""
+    for dest, (allowed, must_be) in OPTION_LIMITS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not allowed(value):
+            option = "--" + {"num_workers": "workers"}.get(dest, dest).replace("_", "-")
+            raise ParticleVAEError(f"{option} {value} is out of range: it must be {must_be}")
+
 
 def add_input_options(parser) -> None:
     """Options that locate and preprocess the particles (shared with ``particle-vae cache``)."""
@@ -175,12 +201,19 @@ def _fit_box(spec: dict):
     if spec["kind"] != "particles":
         return None
     from particle_vae.data.particles import open_source
+    from particle_vae.data.preprocess import Preprocessing
 
     source = open_source(spec["path"], datadir=spec["datadir"], pixel_size=spec["pixel_size"])
+    source.require_pixel_size()  # infer writes origins in Angstrom: stop now rather than after training
     prep = spec["preprocessing"]
     limit = prep.get("crop_box") or source.box
     if prep.get("target_box") and prep["target_box"] >= limit:
         prep.pop("target_box")
+    try:
+        Preprocessing(box=source.box, pixel_size=source.pixel_size, **prep)
+    except ValueError as error:
+        raise ParticleVAEError(f"invalid preprocessing for {source.box} px particles: {error}", source.path,
+                               "choose --crop-to, --downsample-to and --mask-radius inside the box") from None
     return source
 
 
@@ -224,6 +257,7 @@ def _model_settings(args, preset: dict, box: int, class_values: list | None = No
 def main(args: argparse.Namespace) -> int:
     from particle_vae.engine import distributed as ddp
 
+    check_options(args)
     if ddp.wants_launch(args):
         return _launch(args)
     context = ddp.init_distributed(args.device or "auto")
@@ -245,6 +279,7 @@ def _main(args: argparse.Namespace, context) -> int:
     if args.resume:
         def read_config():
             config = run.read_config()
+            run.require_checkpoint()
             # settings a resumed run may change: more epochs or steps (extending a run), compiling the same computation
             changes = {"epochs": args.epochs, "max_steps": args.max_steps, "compile": True if args.compile else None}
             changes = {key: value for key, value in changes.items() if value is not None and value != config["train"].get(key)}
@@ -307,13 +342,14 @@ def _train(args, run: RunDirectory, preset: dict, config: dict, source=None, con
             raise ParticleVAEError(f"invalid model settings: {error}") from None
         config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box,
                       class_values=prepared.class_values)
-        ddp.run_on_main(context, lambda: run.write_config(config))
     else:
         model = build_model(config["model"])
     log.info("model: %s", config["model"])
     log.info("%d trainable parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
     ctf_for = _ctf_provider(prepared, model) if config.get("ctf") else None
     trainer = Trainer(model, prepared.dataset, settings, run, ctf_for=ctf_for, context=context)
+    if not args.resume:  # written once the trainer has accepted the settings, so a refused run leaves no config behind
+        ddp.run_on_main(context, lambda: run.write_config(config))
     log.info("device %s%s; %d training and %d validation images", trainer.device,
              f" x {context.world_size} processes ({context.backend}), {settings.batch_size // context.world_size} images per "
              f"process and step" if context.distributed else "", len(trainer.train_idx), len(trainer.val_idx))

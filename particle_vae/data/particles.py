@@ -114,6 +114,22 @@ class ParticleSource:
         """
         return np.lexsort((self.image_index, self.stack_index)).astype(np.int64)
 
+    def missing_pixel_size(self) -> str | None:
+        """Why the pixel size is unknown (where it was looked for), or ``None`` when it is known."""
+        if self.pixel_size is not None:
+            return None
+        headers = "the MRC header gives" if self.n_stacks == 1 else "the MRC headers give"
+        if self.kind == "star":
+            return f"neither the STAR (rlnImagePixelSize, rlnPixelSize, rlnDetectorPixelSize/rlnMagnification) nor {headers} one"
+        return "the MRC header of the stack gives none" if self.n_stacks == 1 else "the MRC headers of the stacks give none"
+
+    def require_pixel_size(self) -> float:
+        """The pixel size in Angstrom; a one-line error saying where it was looked for when unknown."""
+        if self.pixel_size is None:
+            raise InputFileError(f"the pixel size is unknown: {self.missing_pixel_size()}", self.path,
+                                 "pass --pixel-size (Angstrom per pixel); infer needs it to write origins in Angstrom")
+        return self.pixel_size
+
     def describe(self) -> str:
         """One line: what was opened, how many particles and stacks, box and pixel size."""
         apix = "unknown pixel size" if self.pixel_size is None else f"{self.pixel_size:g} A/px (from {self.pixel_size_from})"
@@ -239,6 +255,8 @@ def open_source(
 
     if pixel_size is not None:
         apix, origin = float(pixel_size), "user"
+        if star is not None:
+            star.pixel_sizes()  # a bad pixel size in the STAR is an error all the same: outputs keep its optics
     else:
         apix = star.pixel_size() if star is not None else None
         origin = "star"

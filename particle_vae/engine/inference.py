@@ -271,12 +271,63 @@ def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | Non
     return relocated_image_names(source, out_dir)
 
 
+#: STAR columns of the refined pose (besides rlnAnglePsi and rlnOriginXAngst/YAngst)
+REFINE_COLUMNS = {"psi_std_deg": "pvaeAnglePsiStd", "probability": "pvaePoseProbability",
+                  "class_probability": "pvaeRefineClassProbability"}
+
+
+def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_apix: float, settings,
+                        classes: int = 10, max_box: int = 128, seed: int = 0):
+    """Likelihood pose refinement (:mod:`particle_vae.engine.refine`) seeded by a readout.
+
+    The particles are read again at their own box (Fourier-cropped to at most
+    ``max_box`` pixels), not at the model's, so that the poses use all the
+    resolution the data have; the seeds are k-means groups of the latent means
+    (``classes`` of them) and the model's own poses. The CTF comes from the
+    STAR's CTF columns when it has them.
+
+    Returns:
+        ``(RefineResult, pixel size of the refined images in Angstrom)``.
+    """
+    from particle_vae.analysis.clustering import fit_clusters
+    from particle_vae.data.particles import ParticleDataset
+    from particle_vae.data.preprocess import Preprocessing
+    from particle_vae.engine.refine import refine_poses
+
+    source = prepared.source
+    if source.pixel_size is None:
+        raise ParticleVAEError(f"{source.path}: no pixel size known; pass --pixel-size")
+    target = min(source.box, max_box)
+    target -= target % 2
+    prep = Preprocessing(box=source.box, pixel_size=source.pixel_size, target_box=target if target < source.box else None,
+                         normalize="background")
+    dataset = ParticleDataset(source, transform=prep)
+    apix = prep.output_pixel_size
+    table = None
+    if source.star is not None and source.star.column("rlnDefocusU") is not None:
+        table = source.star.ctf_parameters()
+    z = np.asarray(result.z_mean, dtype=np.float64)
+    k = max(1, min(classes, len(z) // 20))
+    labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
+    labels = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, model_apix)
+    log.info("pose refinement: %d particles of %d px at %.3g A/px, %d classes seeded by the latents, %s CTF, %d iterations",
+             len(z), target, apix, int(labels.max()) + 1, "with the" if table is not None else "no", settings.iterations)
+    refined = refine_poses(dataset, table, apix, labels, psi, np.stack([origin_x, origin_y], 1) / apix, settings)
+    return refined, apix
+
+
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              center: bool = True) -> tuple[Path, Path]:
+              center: bool = True, refine=None, refine_classes: int = 10, refine_box: int = 128) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
     (``bf16``: see :func:`run_inference`; ``center``: centred origins, see the module docstring).
+
+    ``refine``: :class:`~particle_vae.engine.refine.RefineSettings` to refine the poses by
+    likelihood search against class references seeded by the readout (:func:`refine_from_readout`,
+    ``refine_classes`` seed classes, images at most ``refine_box`` pixels); the refined poses are
+    written to the RELION columns, the model's own stay in the ``.npz``. ``None``: no refinement.
 
     With several ranks (``context``), each reads out a share and rank 0 writes
     the files; every rank returns the same paths.
@@ -318,8 +369,14 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     result = run_inference(model, prepared, batch_size=batch_size, device=torch_device, num_workers=num_workers, context=context,
                            bf16=bf16)
 
+    refined = None
+    if refine is not None and model.has_pose and context.is_main:
+        if refine.device == "auto":
+            refine.device = str(torch_device)
+        refined, refined_apix = refine_from_readout(prepared, result, model_apix, refine, classes=refine_classes,
+                                                    max_box=refine_box)
     centres = None
-    if center and model.has_pose:
+    if center and model.has_pose and refine is None:
         # every rank averages a share of the particles; rank 0 (which holds the result) plans the groups
         z = psi = origin = None
         if context.is_main:
@@ -334,6 +391,16 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
         if "predicted_class" in result.extra and config.get("class_values"):
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
+        refined_arrays = {}
+        if refined is not None:
+            columns["rlnAnglePsi"] = np.round(refined.psi_deg, 6)
+            columns["rlnOriginXAngst"] = np.round(refined.origin_px[:, 0] * refined_apix, 6)
+            columns["rlnOriginYAngst"] = np.round(refined.origin_px[:, 1] * refined_apix, 6)
+            for key, name in REFINE_COLUMNS.items():
+                columns[name] = np.round(getattr(refined, key).astype(np.float64), 6)
+            columns["pvaeRefineClass"] = refined.classes + 1
+            refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references,
+                              "refine_pixel_size": refined_apix, "refine_psi_std_deg": refined.psi_std_deg}
         star = output_star(prepared, columns, out_path)
         star.write(out_path, overwrite=True)
         extra_arrays = {} if centres is None else {"centre_px": centres}
@@ -341,6 +408,7 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             with open(tmp, "wb") as handle:
                 np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
                          pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()}, **extra_arrays,
+                         **refined_arrays,
                          **{k: v for k, v in columns.items() if k.startswith("rln")})
         log.info("wrote %s (%d particles%s) and %s", out_path, len(result.theta),
                  f", read out by {context.world_size} processes" if context.distributed else "", npz_path)

@@ -12,13 +12,16 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from particle_vae.errors import OutputFileError, ParticleVAEError
-from particle_vae.io.atomic import atomic_path, atomic_write_text
+from particle_vae.io.atomic import atomic_path, atomic_write_text, folder_problem
+
+log = logging.getLogger(__name__)
 
 
 class RunDirectory:
@@ -37,8 +40,15 @@ class RunDirectory:
     def create(self, overwrite: bool = False) -> None:
         """Make the folder; refuse to reuse one holding a run unless ``overwrite``."""
         if self.config_path.exists() and not overwrite:
+            if not self.last_checkpoint.exists():
+                raise OutputFileError("already holds a training run without a checkpoint (stopped in, or still in, its first epoch)",
+                                      self.path, "pass --overwrite to start it again, or another --out")
             raise OutputFileError("already holds a training run", self.path, "pass --resume to continue it, --overwrite to start again, or another --out")
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputFileError(f"cannot create the run directory ({folder_problem(self.checkpoint_dir, exc)})", self.path,
+                                  "choose another --out") from None
         if overwrite:
             for stale in (self.metrics_path, self.last_checkpoint, self.best_checkpoint):
                 stale.unlink(missing_ok=True)
@@ -49,12 +59,33 @@ class RunDirectory:
     def read_config(self) -> dict:
         if not self.config_path.exists():
             raise ParticleVAEError(f"{self.path}: not a particle-vae run directory (no config.json); give the folder written by particle-vae train")
-        return json.loads(self.config_path.read_text())
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ParticleVAEError(f"{self.config_path}: cannot be read as a run configuration ({type(exc).__name__}); "
+                                   "restore it or train again with --overwrite") from None
 
     def read_metrics(self) -> list[dict]:
+        """One dict per epoch line. A last line cut off mid-write (training killed
+        while appending it) is dropped with a warning; a damaged line before it is an error."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [(number, line) for number, line in enumerate(
+            self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1) if line.strip()]
+        rows = []
+        for number, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif number == lines[-1][0]:
+                log.warning("%s: ignoring its last line (%d), cut off mid-write when training stopped", self.metrics_path, number)
+            else:
+                raise ParticleVAEError(f"{self.metrics_path}: line {number} is not a JSON object of epoch metrics; "
+                                       "delete that line (the checkpoints are unaffected)")
+        return rows
 
     def write_metrics(self, rows: list[dict]) -> None:
         atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -70,12 +101,19 @@ class RunDirectory:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
+    def require_checkpoint(self) -> None:
+        """A one-line error unless the run has a checkpoint (``last.pt``, written at the end of every epoch)."""
+        if not self.last_checkpoint.exists():
+            raise ParticleVAEError(f"{self.path}: no checkpoint yet (one is written at the end of every epoch and this run "
+                                   f"has not finished its first); if its training was stopped, start it again with "
+                                   f"particle-vae train ... --out {self.path} --overwrite")
+
     def load_checkpoint(self, which: str = "best") -> dict:
         path = self.best_checkpoint if which == "best" else self.last_checkpoint
         if not path.exists() and which == "best":
             path = self.last_checkpoint
         if not path.exists():
-            raise ParticleVAEError(f"{self.path}: no checkpoint yet (expected {path.name}); train at least one epoch")
+            self.require_checkpoint()
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a foreign or damaged file

@@ -26,8 +26,20 @@ def check_output_path(path: str | Path, overwrite: bool = False, inputs: tuple =
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputFileError(f"cannot create its folder ({exc.strerror})", path) from None
+        raise OutputFileError(f"cannot create its folder ({folder_problem(path.parent, exc)})", path,
+                              "choose an output in a folder you can write to") from None
     return path
+
+
+def folder_problem(folder: str | Path, error: OSError) -> str:
+    """Why ``folder`` could not be created, in words: the part of the path that is a
+    file rather than a folder when there is one, else the system's reason."""
+    for parent in (Path(folder), *Path(folder).parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    return error.strerror or str(error)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,8 @@ def read_star(path: str | Path) -> StarFile:
     """Read every block of a STAR file.
 
     Raises:
-        InputFileError: missing, empty or unparsable file.
+        InputFileError: missing, empty, compressed or non-UTF-8 file, a loop row
+            without one value per column (naming the line), or unparsable text.
     """
     import starfile
 
@@ -65,19 +66,101 @@ def read_star(path: str | Path) -> StarFile:
         raise InputFileError("file not found", path, "check the path")
     if path.is_dir():
         raise InputFileError("is a folder, not a STAR file", path)
-    if path.is_file() and path.stat().st_size >= FAST_READ_BYTES:
-        blocks = _read_star_fast(path, parse_as_string=(IMAGE_NAME,))
+    text = _read_star_text(path)
+    if len(text) >= FAST_READ_BYTES:
+        blocks = _read_star_fast(path, parse_as_string=(IMAGE_NAME,), text=text)
         if blocks:
+            _check_loop_rows(path, text, blocks)
             return StarFile(blocks=blocks, path=path)
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=[IMAGE_NAME])
     except TypeError:  # older starfile without parse_as_string
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises a variety of parser errors
+        _check_loop_rows(path, text)
         raise InputFileError(f"could not be parsed as a STAR file ({type(exc).__name__}: {exc})", path) from None
     if not blocks:
         raise InputFileError("contains no data blocks", path, "is it a STAR file?")
+    _check_loop_rows(path, text, blocks)
     return StarFile(blocks=dict(blocks), path=path)
+
+
+#: leading bytes of compressed files -> (format, how to decompress)
+_COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip", "gunzip <"),
+    (b"BZh", "bzip2", "bunzip2 <"),
+    (b"\xfd7zXZ\x00", "xz", "xz -d <"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d <"),
+    (b"PK\x03\x04", "zip", "unzip -p"),
+)
+
+
+def _read_star_text(path: Path) -> str:
+    """The file's text, or a one-line error naming the real problem: a compressed
+    file, UTF-16/32 or binary data, or a byte that is not UTF-8 (with its line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"cannot be read ({exc.strerror or exc})", path, "check the file's permissions") from None
+    for magic, kind, command in _COMPRESSED_MAGIC:
+        if raw.startswith(magic):
+            raise InputFileError(f"is {kind}-compressed, not a plain-text STAR file", path,
+                                 f"decompress it first, e.g. {command} {path} > {path.stem}_plain.star")
+    head = raw[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") * 4 >= len(head) > 0:
+        raise InputFileError("is UTF-16 or UTF-32 text, not UTF-8", path,
+                             f"convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8 {path} > {path.stem}_utf8.star")
+    if b"\x00" in head:
+        raise InputFileError("holds binary data (NUL bytes), not STAR text", path, "give a RELION particle .star file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputFileError(f"line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})", path,
+                             f"save the file as UTF-8 (or ASCII) text, e.g. iconv -f latin1 -t UTF-8 {path} > {path.stem}_utf8.star"
+                             ) from None
+
+
+_STAR_VALUE_RE = re.compile(r"\"[^\"]*\"|'[^']*'|\S+")
+
+
+def _check_loop_rows(path: Path, text: str, blocks: Mapping | None = None) -> None:
+    """Raise naming the first loop row that does not hold one value per column.
+
+    Called after a parse error, or when a loop came back with missing values
+    (a short row is read as NaN); a file whose NaN values are written out as
+    ``nan`` passes.
+    """
+    if blocks is not None and not any(isinstance(block, pd.DataFrame) and block.isna().to_numpy().any() for block in blocks.values()):
+        return
+    block, columns, in_loop, in_rows = None, 0, False, False
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("data_"):
+            block, columns, in_loop, in_rows = stripped.split()[0], 0, False, False
+        elif stripped.startswith("loop_"):
+            columns, in_loop, in_rows = 0, True, False
+        elif stripped.startswith("_"):
+            if in_loop and not in_rows:
+                columns += 1
+            else:  # a key-value pair (after a loop, it ends the loop)
+                in_loop = False
+        elif stripped.startswith(";"):
+            return  # a multi-line text field: rows cannot be counted line by line
+        elif in_loop and columns:
+            in_rows = True
+            values = []
+            for value in _STAR_VALUE_RE.findall(stripped):
+                if value.startswith("#"):
+                    break
+                values.append(value)
+            if len(values) != columns:
+                raise InputFileError(
+                    f"line {number} has {len(values)} value(s) but the loop of {block} has {columns} column(s)", path,
+                    "complete or delete that row (a STAR row holds one value per column)")
 
 
 #: files at least this large are read by :func:`_read_star_fast` (smaller ones by ``starfile``)
@@ -86,7 +169,7 @@ FAST_READ_BYTES = 1 << 20
 _DATA_LINE_RE = re.compile(r"^[ \t]*data_(\S*)[^\n]*$", re.MULTILINE)
 
 
-def _read_star_fast(path: Path, parse_as_string: tuple[str, ...] = ()) -> dict | None:
+def _read_star_fast(path: Path, parse_as_string: tuple[str, ...] = (), text: str | None = None) -> dict | None:
     """Read a STAR file whose blocks are loops, parsing each loop's rows in one
     ``pandas.read_csv`` call (C parser) instead of line by line.
 
@@ -94,14 +177,16 @@ def _read_star_fast(path: Path, parse_as_string: tuple[str, ...] = ()) -> dict |
     same numeric conversion) in about half the time for 1,000,000 rows.
     Returns ``None`` for anything it does not handle (a key-value block, a
     block without rows, a loop whose rows do not have one value per column,
-    non-UTF-8 text), and the caller then uses ``starfile``.
+    non-UTF-8 text), and the caller then uses ``starfile``. ``text``: the file's
+    text when the caller has already read it.
     """
     import io
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
     starts = list(_DATA_LINE_RE.finditer(text))
     if not starts:
         return None
@@ -293,15 +378,38 @@ class ParticleStar:
 
         Looks for ``rlnImagePixelSize`` (3.1 optics), then ``rlnPixelSize``, then
         ``rlnDetectorPixelSize`` (um) * 1e4 / ``rlnMagnification`` (RELION 3.0).
+
+        Raises:
+            InputFileError: a pixel size that is not a positive number (naming
+                the optics group or the particle row).
         """
         for name in ("rlnImagePixelSize", "rlnPixelSize"):
             values = self.column(name)
             if values is not None:
-                return values.to_numpy(dtype=np.float64)
+                return self._positive_pixel_sizes(values.to_numpy(dtype=np.float64), name, (name,))
         detector, magnification = self.column("rlnDetectorPixelSize"), self.column("rlnMagnification")
         if detector is not None and magnification is not None:
-            return detector.to_numpy(dtype=np.float64) * 1e4 / magnification.to_numpy(dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sizes = detector.to_numpy(dtype=np.float64) * 1e4 / magnification.to_numpy(dtype=np.float64)
+            return self._positive_pixel_sizes(sizes, "rlnDetectorPixelSize * 1e4 / rlnMagnification",
+                                              ("rlnDetectorPixelSize", "rlnMagnification"))
         return None
+
+    def _positive_pixel_sizes(self, sizes: np.ndarray, name: str, columns: tuple[str, ...]) -> np.ndarray:
+        """``sizes``, or a one-line error for the first that is not a positive number."""
+        bad = np.flatnonzero(~(np.isfinite(sizes) & (sizes > 0)))
+        if bad.size == 0:
+            return sizes
+        row = int(bad[0])
+        if columns[0] not in self.particles.columns and self.optics is not None:  # the value comes from the optics block
+            group = int(self.particles[OPTICS_GROUP].iloc[row]) if OPTICS_GROUP in self.particles.columns \
+                else int(self.optics[OPTICS_GROUP].iloc[0])
+            where = f"optics group {group}"
+        else:
+            where = f"particle {row + 1} ({self.particles[IMAGE_NAME].iloc[row]})" + \
+                (f" and {bad.size - 1} other particle(s)" if bad.size > 1 else "")
+        raise InputFileError(f"{where} has {name} {sizes[row]:g}, not a positive pixel size", self.path,
+                             f"correct {' and '.join(columns)} in the STAR (Angstrom per pixel)")
 
     def pixel_size(self) -> float | None:
         """The common pixel size in Angstrom; error if particles disagree."""
@@ -342,6 +450,14 @@ class ParticleStar:
         for key, (name, default) in optional.items():
             values = self.column(name)
             out[key] = np.full(len(self), default) if values is None else values.to_numpy(dtype=np.float64)
+        names = {**required, **{key: name for key, (name, _) in optional.items()}}
+        for key, values in out.items():
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                row = int(bad[0])
+                raise InputFileError(f"particle {row + 1} ({self.particles[IMAGE_NAME].iloc[row]}) has {names[key]} {values[row]}"
+                                     + (f" ({bad.size} such particles)" if bad.size > 1 else ""), self.path,
+                                     "correct the CTF values in the STAR or turn the CTF option off")
         return pd.DataFrame(out)
 
     def image_locations(self, datadir: str | Path | None = None) -> ImageLocations:

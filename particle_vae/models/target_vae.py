@@ -188,7 +188,8 @@ class TargetVAE(PoseVAE):
             out = self._pool_rotations(out)
         out = out.flatten(2)  # (B, C, K)
         batch = out.shape[0]
-        post = {"log_q": torch.log_softmax(out[:, 0], dim=-1)}
+        # in float32 even under bf16 autocast: bf16 log-probabilities near -7 step by 2^-5 and would tie
+        post = {"log_q": torch.log_softmax(out[:, 0].float(), dim=-1)}
         ch = 1
         if self.infers_offset:
             post["theta_mu"] = out[:, ch]

@@ -1,0 +1,260 @@
+"""Low-SNR mixture benchmark: this project's poses and classes beside RELION 2D classification.
+
+Data (``particle_vae.data.simulate``): three structures of different size, shape
+and symmetry from ``<data>/structures`` (the 26S proteasome 4CR2 and the 30S
+ribosomal subunit 4V4R, both asymmetric, and the C6 p97 hexamer 3CF3), 64 px at
+5 A/px, uniform random 3D views, shifts up to 3 px, the CTF drawn from the
+EMPIAR-10025 defocus values, white noise at the requested SNR.
+
+This project: ``train --preset tiny --ctf --zdim 8`` (seed 0), ``infer`` (which
+refines the poses by default), ``analyze --k 3`` and ``analyze --k 10``.
+RELION (when ``relion_refine`` is on PATH): ``relion_preprocess --norm`` of the
+stack (RELION expects normalised particles), then ``relion_refine`` 2D
+classification with K = 3 and K = 10, 25 iterations, ``--ctf`` (the exact
+commands are written to the JSON).
+
+Scores, against the simulator's truth:
+
+* clustering accuracy at K = 3 (Hungarian matching) and purity at K = 10 (``analyze``
+  on the latents), and the purity of the classes of ``infer``'s pose refinement;
+* origin error: mean distance (pixels) between the written and the true particle
+  centre (the projected centre of mass of the structure), with one constant
+  offset per structure in the frame of the class average
+  (:func:`particle_vae.analysis.pose_metrics.origin_errors`);
+* same-view psi error: median error of ``psi_j - psi_i`` over pairs of particles of
+  one structure whose true viewing directions are within 10 degrees, with the
+  symmetry of 3CF3 taken into account when its map has it (the axis is found from
+  the map; the correlation of the turned map is recorded, and below 0.9 the map
+  is scored as asymmetric);
+* wall time and peak memory (largest resident set of any step).
+
+  python benchmarks/lowsnr_mixture.py --snr 0.1 --data-dir ../shared/data --out benchmarks/results/lowsnr_snr0.1.json
+
+Writes OUT (JSON), OUT with suffix .md (the table) and the work folders under
+--work (default OUT without suffix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STRUCTURES = [("polnet_4cr2_5A.mrc", "C1"), ("polnet_4v4r_30S_5A.mrc", "C1"), ("polnet_3cf3_5A.mrc", "C6")]
+BOX, APIX, MAX_SHIFT = 64, 5.0, 3.0
+#: a point group is used for the psi pairs only when the map has it: its turned density correlates this well
+SYMMETRY_MIN_CORRELATION = 0.9
+
+
+def timed(command: list[str], log_path: Path, cwd: Path | None = None) -> dict:
+    """Run a command, its output to ``log_path``; wall seconds and peak resident memory (MiB) of the process tree."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log_path.read_text()[-2000:]
+        raise SystemExit(f"{' '.join(command)} failed (exit {code}); see {log_path}:\n{tail}")
+    return {"command": " ".join(map(str, command)), "seconds": round(seconds, 1), "peak_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def particle_vae(*args) -> list[str]:
+    return [sys.executable, "-m", "particle_vae", *map(str, args)]
+
+
+def truth(star_path: Path, structures_dir: Path) -> dict:
+    """True classes, angles, particle centres (projected centre of mass) and symmetry operators."""
+    from particle_vae.analysis.pose_metrics import projected_centres, symmetry_operators
+    from particle_vae.data.structures import load_density
+    from particle_vae.io.star import ParticleStar
+
+    particles = ParticleStar(star_path).particles
+    classes = particles["pvaeTrueClass"].to_numpy().astype(np.int64)
+    angles = particles[["pvaeTrueAngleRot", "pvaeTrueAngleTilt", "pvaeTrueAnglePsi"]].to_numpy(np.float64)
+    centres_xyz = np.zeros((len(particles), 3))
+    symmetry, symmetry_corr = {}, {}
+    axis = np.arange(BOX) - BOX // 2
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
+    for number, (name, group) in enumerate(STRUCTURES, start=1):
+        volume = load_density(structures_dir / name, APIX, BOX)
+        weights = np.clip(volume, 0, None)
+        centres_xyz[classes == number] = [(weights * x).sum() / weights.sum(), (weights * y).sum() / weights.sum(),
+                                          (weights * z).sum() / weights.sum()]
+        if group != "C1":
+            ops, corr = symmetry_operators(volume, group)
+            symmetry_corr[name] = corr
+            if corr >= SYMMETRY_MIN_CORRELATION:
+                symmetry[number] = ops
+    shift = -particles[["pvaeTrueOriginXAngst", "pvaeTrueOriginYAngst"]].to_numpy(np.float64) / APIX
+    return {"classes": classes, "angles": angles, "centres": shift + projected_centres(angles, centres_xyz),
+            "symmetry": symmetry, "symmetry_corr": symmetry_corr}
+
+
+def score(poses_star: Path, truth_: dict, apix: float, k3_star: Path | None, k10_star: Path | None) -> dict:
+    """Scores of one method (module docstring)."""
+    from particle_vae.analysis.metrics import clustering_accuracy
+    from particle_vae.analysis.pose_metrics import origin_errors, purity, same_view_psi_errors
+    from particle_vae.io.star import ParticleStar
+
+    def table(path):
+        return ParticleStar(path).particles
+
+    particles = table(poses_star)
+    psi = particles["rlnAnglePsi"].to_numpy(np.float64)
+    origin = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64) / apix
+    errors = same_view_psi_errors(truth_["angles"], psi, truth_["classes"], symmetry=truth_["symmetry"])
+    out = {"origin_error_px": float(origin_errors(origin, psi, truth_["centres"], truth_["classes"]).mean()),
+           "psi_pair_median_deg": {STRUCTURES[c - 1][0].split("_")[1]: float(np.median(e)) if len(e) else math.nan
+                                   for c, e in errors.items()},
+           "psi_pairs": {STRUCTURES[c - 1][0].split("_")[1]: int(len(e)) for c, e in errors.items()}}
+    if k3_star is not None:
+        out["accuracy_k3"] = clustering_accuracy(truth_["classes"], table(k3_star)["rlnClassNumber"].to_numpy())
+    if k10_star is not None:
+        out["purity_k10"] = purity(truth_["classes"], table(k10_star)["rlnClassNumber"].to_numpy())
+    if "pvaeRefineClass" in particles.columns:
+        out["purity_refine_classes"] = purity(truth_["classes"], particles["pvaeRefineClass"].to_numpy())
+    return out
+
+
+def relion_available() -> bool:
+    return shutil.which("relion_refine") is not None and shutil.which("relion_preprocess") is not None
+
+
+def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> tuple[dict, Path]:
+    """RELION 2D classification of the simulated particles; returns (timing, data STAR of the last iteration)."""
+    work.mkdir(parents=True, exist_ok=True)
+    norm_stack = sim / "particles_norm.mrcs"
+    steps = {}
+    if not norm_stack.exists():
+        steps["relion_preprocess"] = timed(["relion_preprocess", "--operate_on", "particles.mrcs", "--operate_out",
+                                            "particles_norm.mrcs", "--norm", "--bg_radius", str(int(0.45 * BOX))],
+                                           sim / "relion_preprocess.log", cwd=sim)
+        text = (sim / "particles.star").read_text().replace("@particles.mrcs", "@particles_norm.mrcs")
+        (sim / "particles_norm.star").write_text(text)
+    out = work / "run"
+    command = ["relion_refine", "--i", str(sim / "particles_norm.star"), "--o", str(out), "--K", str(k), "--iter", str(iterations),
+               "--tau2_fudge", "2", "--particle_diameter", str(int(0.9 * BOX * APIX)), "--ctf", "--flatten_solvent", "--zero_mask",
+               "--oversampling", "1", "--psi_step", "6", "--offset_range", "5", "--offset_step", "1", "--norm", "--scale",
+               "--j", str(threads), "--pool", "30", "--pad", "2", "--dont_combine_weights_via_disc", "--random_seed", "0"]
+    steps[f"relion_refine_k{k}"] = timed(command, work / "relion_refine.log")
+    return steps, Path(f"{out}_it{iterations:03d}_data.star")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--snr", type=float, required=True)
+    parser.add_argument("--data-dir", type=Path, help="reference-data folder holding structures/ (or $PARTICLE_VAE_DATA)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--n", type=int, default=2400, help="particles (default 2400)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--relion", choices=["auto", "skip"], default="auto", help="run RELION when it is on PATH (default)")
+    parser.add_argument("--relion-iterations", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2, help="RELION threads (--j), default 2")
+    parser.add_argument("--extra-infer", nargs=argparse.REMAINDER, default=[], help="more options for particle-vae infer (last)")
+    args = parser.parse_args(argv)
+    from particle_vae.io.paths import data_root
+
+    root = data_root(args.data_dir)
+    structures = root / "structures"
+    work = args.work or args.out.with_suffix("")
+    sim, run = work / "sim", work / "run"
+    work.mkdir(parents=True, exist_ok=True)
+    steps = {}
+    steps["simulate"] = timed(particle_vae("-q", "simulate", "--structure", *[structures / s for s, _ in STRUCTURES], "--n", args.n,
+                                           "--box", BOX, "--pixel-size", APIX, "--max-shift", MAX_SHIFT, "--snr", args.snr,
+                                           "--data-dir", root, "--defocus-star", root / "cryoem/empiar10025_metadata/ctf_params.star",
+                                           "--out", sim, "--overwrite", "--no-progress"), work / "simulate.log")
+    ours = {}
+    ours["train"] = timed(particle_vae("train", sim / "particles.star", "--preset", "tiny", "--ctf", "--zdim", "8", "--epochs", args.epochs,
+                                       "--seed", "0", "--out", run, "--overwrite"), work / "train.log")
+    inferred = work / "particles_vae.star"
+    ours["infer"] = timed(particle_vae("infer", run, "--out", inferred, "--overwrite", *args.extra_infer), work / "infer.log")
+    for k in (3, 10):
+        ours[f"analyze_k{k}"] = timed(particle_vae("-q", "analyze", inferred, "--run", run, "--k", k, "--gallery", "0", "--out",
+                                                   work / f"analysis_k{k}", "--overwrite"), work / f"analyze_k{k}.log")
+    truth_ = truth(sim / "particles.star", structures)
+    results = {"date": time.strftime("%Y-%m-%d"), "snr": args.snr, "n": args.n, "epochs": args.epochs, "box": BOX, "pixel_size": APIX,
+               "structures": [s for s, _ in STRUCTURES], "symmetry_axis_correlation": truth_["symmetry_corr"],
+               "machine": f"{os.cpu_count()} CPU cores, {platform_name()}", "simulate": steps["simulate"]}
+    ours_scores = score(inferred, truth_, APIX, work / "analysis_k3" / "clustered_particles.star",
+                        work / "analysis_k10" / "clustered_particles.star")
+    ours_scores["seconds"] = round(sum(step["seconds"] for step in ours.values()), 1)
+    ours_scores["peak_mib"] = max(step["peak_mib"] for step in ours.values())
+    results["particle_vae"] = {"steps": ours, **ours_scores}
+    if args.relion == "auto" and relion_available():
+        relion_steps = {}
+        stars = {}
+        for k in (3, 10):
+            timing, star = run_relion(sim, work / f"relion_k{k}", k, args.relion_iterations, args.threads)
+            relion_steps.update(timing)
+            stars[k] = star
+        relion = score(stars[10], truth_, APIX, stars[3], stars[10])
+        relion["poses_from_k3"] = score(stars[3], truth_, APIX, None, None)
+        relion["seconds_k3"] = relion_steps["relion_refine_k3"]["seconds"]
+        relion["seconds_k10"] = relion_steps["relion_refine_k10"]["seconds"]
+        relion["peak_mib"] = max(step["peak_mib"] for step in relion_steps.values())
+        results["relion"] = {"steps": relion_steps, **relion}
+    else:
+        results["relion"] = None
+        print("RELION is not on PATH (relion_refine, relion_preprocess) or --relion skip: scoring this project only; "
+              "on Debian/Ubuntu `apt-get install relion` gives RELION 3.1.3")
+    text = table_markdown(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return results
+
+
+def platform_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def table_markdown(results: dict) -> str:
+    ours, relion = results["particle_vae"], results["relion"]
+    names = list(ours["psi_pair_median_deg"])
+
+    def cell(record, key, fmt):
+        if record is None or key not in record:
+            return "n/a"
+        return fmt.format(record[key])
+
+    rows = [("clustering accuracy, K = 3", "accuracy_k3", "{:.3f}"), ("purity, K = 10", "purity_k10", "{:.3f}"),
+            ("purity of infer's refinement classes (10)", "purity_refine_classes", "{:.3f}"),
+            ("origin error (px, mean)", "origin_error_px", "{:.2f}")]
+    lines = [f"SNR {results['snr']:g}, {results['n']} particles, {results['box']} px at {results['pixel_size']:g} A/px, "
+             f"{results['machine']}, {results['date']}", "", "| score | particle-vae | RELION 3.1 2D |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {cell(ours, key, fmt)} | {cell(relion, key, fmt)} |")
+    for name in names:
+        ours_value = ours["psi_pair_median_deg"][name]
+        relion_value = relion["psi_pair_median_deg"][name] if relion else math.nan
+        lines.append(f"| same-view psi error {name} (deg, median) | {ours_value:.1f} | "
+                     f"{'n/a' if relion is None else f'{relion_value:.1f}'} |")
+    relion_time = "n/a" if relion is None else f"{relion['seconds_k3']:.0f} (K=3) + {relion['seconds_k10']:.0f} (K=10)"
+    lines.append(f"| wall time (s) | {ours['seconds']:.0f} (train + infer + 2 analyze) | {relion_time} |")
+    lines.append(f"| peak memory (MiB) | {ours['peak_mib']:.0f} | {cell(relion, 'peak_mib', '{:.0f}')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
