@@ -74,7 +74,7 @@ def main(argv=None) -> list[dict]:
         for name, particles in (("small", small), ("all", star)):
             out = work / f"particles_{variant}_{name}.star"
             times[name] = run(["infer", str(model), "--particles", str(particles), "--out", str(out), "--batch-size",
-                               str(args.batch_size), "--device", "cpu", "--overwrite", *extra], env=env)
+                               str(args.batch_size), "--device", "cpu", "--overwrite", "--no-refine", *extra], env=env)
         seconds = times["all"]
         steady = (args.n - SMALL) / max(seconds - times["small"], 1e-9)
         rows.append({"variant": variant, "particles": args.n, "seconds": round(seconds, 2),

@@ -123,6 +123,7 @@ def score(poses_star: Path, truth_: dict, apix: float, k3_star: Path | None, k10
         out["purity_k10"] = purity(truth_["classes"], table(k10_star)["rlnClassNumber"].to_numpy())
     if "pvaeRefineClass" in particles.columns:
         out["purity_refine_classes"] = purity(truth_["classes"], particles["pvaeRefineClass"].to_numpy())
+        out["refine_classes"] = int(particles["pvaeRefineClass"].nunique())
     return out
 
 
@@ -239,7 +240,7 @@ def table_markdown(results: dict) -> str:
         return fmt.format(record[key])
 
     rows = [("clustering accuracy, K = 3", "accuracy_k3", "{:.3f}"), ("purity, K = 10", "purity_k10", "{:.3f}"),
-            ("purity of infer's refinement classes (10)", "purity_refine_classes", "{:.3f}"),
+            (f"purity of infer's refinement classes ({ours.get('refine_classes', 'n/a')})", "purity_refine_classes", "{:.3f}"),
             ("origin error (px, mean)", "origin_error_px", "{:.2f}")]
     lines = [f"SNR {results['snr']:g}, {results['n']} particles, {results['box']} px at {results['pixel_size']:g} A/px, "
              f"{results['machine']}, {results['date']}", "", "| score | particle-vae | RELION 3.1 2D |", "|---|---|---|"]

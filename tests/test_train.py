@@ -122,7 +122,8 @@ def test_train_infer_star_round_trip(simulated, tmp_path):
 
     summary = summarize(out, sample=0)
     assert summary["latent_columns"] == ["pvaeZ1", "pvaeZ2", "pvaeZStd1", "pvaeZStd2"]
-    assert summary["pose_columns"] == ["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    assert summary["pose_columns"] == ["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "pvaeAnglePsiStd", "pvaePoseProbability",
+                                       "pvaeRefineClass", "pvaeRefineClassProbability"]
     assert npz["z_mean"].shape == (len(source), 2)
 
 

@@ -43,9 +43,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     refine = parser.add_argument_group("pose refinement (on by default; see docs/training.md)")
     refine.add_argument("--no-refine", action="store_true",
                         help="write the model's own poses instead of refining them by likelihood search against class references")
-    refine.add_argument("--refine-iterations", type=int, default=8, help="expectation-maximisation iterations (default 8)")
-    refine.add_argument("--refine-classes", type=int, default=10,
-                        help="class references, seeded by k-means of the latents (default 10; more for many distinct views)")
+    refine.add_argument("--refine-iterations", type=int, default=12, help="expectation-maximisation iterations (default 12)")
+    refine.add_argument("--refine-classes", type=int, default=20,
+                        help="class references, seeded by k-means of the latents (default 20, at most one per 20 particles; more for many distinct views)")
     refine.add_argument("--refine-angle-step", type=float, default=5.0,
                         help="degrees between searched angles (default 5; each pose is then refined below the step)")
     refine.add_argument("--refine-max-shift", type=int, help="largest particle shift searched, pixels of the refined images "

@@ -17,7 +17,8 @@ import numpy as np
 from particle_vae.data.particles import open_source
 from particle_vae.errors import ParticleVAEError
 
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY")
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY",
+                "pvaeAnglePsiStd", "pvaePoseProbability", "pvaeRefineClass", "pvaeRefineClassProbability")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -277,7 +277,7 @@ REFINE_COLUMNS = {"psi_std_deg": "pvaeAnglePsiStd", "probability": "pvaePoseProb
 
 
 def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_apix: float, settings,
-                        classes: int = 10, max_box: int = 128, seed: int = 0):
+                        classes: int = 20, max_box: int = 128, seed: int = 0):
     """Likelihood pose refinement (:mod:`particle_vae.engine.refine`) seeded by a readout.
 
     The particles are read again at their own box (Fourier-cropped to at most
@@ -320,7 +320,7 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              center: bool = True, refine=None, refine_classes: int = 10, refine_box: int = 128) -> tuple[Path, Path]:
+              center: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
     (``bf16``: see :func:`run_inference`; ``center``: centred origins, see the module docstring).
 

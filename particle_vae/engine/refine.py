@@ -66,7 +66,7 @@ class RefineSettings:
         margin: Fourier shells searched beyond the references' resolution.
     """
 
-    iterations: int = 8
+    iterations: int = 12
     seed_iterations: int = 2
     n_psi: int = 72
     max_shift: int | None = None
