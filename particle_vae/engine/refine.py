@@ -167,7 +167,7 @@ def _accumulate(acc: _Accumulator, images: torch.Tensor, rows: np.ndarray, best,
     """Add the particles aligned with their ``top`` most probable poses to the M-step sums."""
     n = images.shape[-1]
     poses = best.top.reshape(-1, 4).cpu().numpy()  # (B*P, 4): class, psi, dx, dy
-    weights = best.top_weight.reshape(-1).to(torch.float64)
+    weights = best.top_weight.reshape(-1).to(images.device, torch.float64)
     repeated = images.repeat_interleave(top, dim=0).to(torch.float64)
     d = torch.as_tensor(poses[:, 2:], device=images.device)
     centred = fourier_shift(repeated, -d)
@@ -298,7 +298,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
             prior = log_prior
             if iteration < settings.seed_iterations:
                 prior = torch.full((len(rows), k), -math.inf, dtype=torch.float64, device=device)
-                prior[torch.arange(len(rows)), torch.as_tensor(labels[rows], device=device)] = 0.0
+                prior[torch.arange(len(rows), device=device), torch.as_tensor(labels[rows], device=device)] = 0.0
             best = best_poses(scores, grid, prior, shift_sigma, top=settings.top)
             acc.noise += _residual_power(spectra, None if ctf is None else ctf.to(torch.float64), reference_spectra, best,
                                          grid).sum(0)
