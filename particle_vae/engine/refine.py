@@ -322,7 +322,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
         shift_sigma = float(np.clip(math.sqrt(acc.shift_sq / (2 * max(acc.noise_count, 1))), 1.0, max_shift))
         refs, snr = _wiener(acc, sigma2, settings.regularisation, box)
         refs = _finish_references(refs, mask)
-        log.info("pose search iteration %d/%d: search to %.1f A, classes %s, mean angle uncertainty %.1f deg",
+        log.info("pose search iteration %d/%d: search to %.1f A, classes %s, median angle uncertainty %.1f deg",
                  iteration + 1, settings.iterations, box * pixel_size / cutoff,
                  np.bincount(out["classes"], minlength=k).tolist(), float(np.median(out["psi_std"])))
     psi = (out["psi"] + 180.0) % 360.0 - 180.0
