@@ -54,6 +54,7 @@ __all__ = [
     "transform_coordinates",
     "warp_images",
     "fourier_shift",
+    "fourier_shift_phase",
     "model_pose_to_relion",
     "relion_to_model_pose",
     "object_pose_to_model",
@@ -193,12 +194,24 @@ def fourier_shift(images: torch.Tensor, shift) -> torch.Tensor:
     """
     height, width = images.shape[-2:]
     work = images.to(torch.float64) if images.dtype != torch.float64 else images
-    shift = _as_tensor(shift, work, torch.float64)
-    ky = torch.fft.fftfreq(height, device=work.device, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(width, device=work.device, dtype=torch.float64)
-    phase = -2 * math.pi * (shift[..., 0, None, None] * kx[None, :] + shift[..., 1, None, None] * ky[:, None])
-    spectrum = torch.fft.rfft2(work) * torch.polar(torch.ones_like(phase), phase)
+    spectrum = torch.fft.rfft2(work) * fourier_shift_phase(height, width, _as_tensor(shift, work, torch.float64))
     return torch.fft.irfft2(spectrum, s=(height, width)).to(images.dtype)
+
+
+def fourier_shift_phase(height: int, width: int, shift: torch.Tensor) -> torch.Tensor:
+    """The rfft2-layout factor ``exp(-2 pi i (kx dx + ky dy))`` that moves image content by ``shift``
+    (:func:`fourier_shift` applies it; multiplying a spectrum by it does the same in Fourier space).
+
+    Args:
+        height, width: image size in pixels.
+        shift: ``(..., 2)`` float64 ``(dx, dy)`` pixels.
+    Returns:
+        ``(..., height, width // 2 + 1)`` complex128, on ``shift``'s device.
+    """
+    ky = torch.fft.fftfreq(height, device=shift.device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(width, device=shift.device, dtype=torch.float64)
+    phase = -2 * math.pi * (shift[..., 0, None, None] * kx[None, :] + shift[..., 1, None, None] * ky[:, None])
+    return torch.polar(torch.ones_like(phase), phase)
 
 
 def model_pose_to_relion(theta, t_px, pixel_size: float):

@@ -18,7 +18,6 @@ to the image point ``(A X)[:2]``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -208,8 +207,3 @@ def symmetry_operators(volume: np.ndarray, name: str) -> tuple[np.ndarray, float
         return cyclic_symmetry_operators(volume, int(name[1:]))
     raise ValueError(f"symmetry {name!r}: only C1 and Cn are supported")
 
-
-def summarise(values: Sequence[float]) -> float:
-    """Median of a sample (``nan`` when empty)."""
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.median(values)) if values.size else math.nan

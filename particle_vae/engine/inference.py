@@ -26,6 +26,7 @@ shares in rank order, which is input order, and alone writes the STAR and the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -144,6 +145,23 @@ def original_class_values(predicted: np.ndarray, class_values: list) -> np.ndarr
     return values[np.asarray(predicted, dtype=np.int64) - 1]
 
 
+def latent_groups(z: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
+    """k-means groups of latent means: ``(N,)`` int64 labels ``0 .. k-1`` with every label used,
+    ``k <= groups``; one group when there is a single particle or no latent dimension.
+
+    Args:
+        z: ``(N, k)`` latent means.
+    """
+    from particle_vae.analysis.clustering import fit_clusters
+
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    k = min(groups, len(z))
+    if not z.shape[1] or k < 2:
+        return np.zeros(len(z), dtype=np.int64)
+    labels = fit_clusters(z, k, "kmeans", seed=seed).labels
+    return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def data_centres(prepared: PreparedData, z: np.ndarray | None, psi_deg: np.ndarray | None, origin_angst: np.ndarray | None,
                  pixel_size: float, groups: int = 8, seed: int = 0, num_workers: int = 0,
                  context: DistContext | None = None) -> np.ndarray | None:
@@ -168,15 +186,11 @@ def data_centres(prepared: PreparedData, z: np.ndarray | None, psi_deg: np.ndarr
         rank 0 (``None`` on the other ranks).
     """
     from particle_vae.analysis.averages import ClassAverages, centre_averages, class_averages
-    from particle_vae.analysis.clustering import fit_clusters
 
     context = context or SINGLE
     plan = None
     if context.is_main:
-        z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
-        k = min(groups, len(z))
-        labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
-        plan = (labels, np.asarray(psi_deg, dtype=np.float64), np.asarray(origin_angst, dtype=np.float64))
+        plan = (latent_groups(z, groups, seed), np.asarray(psi_deg, dtype=np.float64), np.asarray(origin_angst, dtype=np.float64))
     labels, psi_deg, origin_angst = ddp.broadcast_object(context, plan) if context.distributed else plan
     k = int(labels.max()) + 1
     start, stop = ddp.shard_bounds(len(labels), context)
@@ -289,7 +303,6 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
     Returns:
         ``(RefineResult, pixel size of the refined images in Angstrom)``.
     """
-    from particle_vae.analysis.clustering import fit_clusters
     from particle_vae.data.particles import ParticleDataset
     from particle_vae.data.preprocess import Preprocessing
     from particle_vae.engine.refine import refine_poses
@@ -306,10 +319,8 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
     table = None
     if source.star is not None and source.star.column("rlnDefocusU") is not None:
         table = source.star.ctf_parameters()
-    z = np.asarray(result.z_mean, dtype=np.float64)
-    k = max(1, min(classes, len(z) // 20))
-    labels = fit_clusters(z, k, "kmeans", seed=seed).labels if z.shape[1] and k > 1 else np.zeros(len(z), dtype=np.int64)
-    labels = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    z = result.z_mean
+    labels = latent_groups(z, max(1, min(classes, len(z) // 20)), seed)
     psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, model_apix)
     log.info("pose refinement: %d particles of %d px at %.3g A/px, %d classes seeded by the latents, %s CTF, %d iterations",
              len(z), target, apix, int(labels.max()) + 1, "with the" if table is not None else "no", settings.iterations)
@@ -372,7 +383,7 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     refined = None
     if refine is not None and model.has_pose and context.is_main:
         if refine.device == "auto":
-            refine.device = str(torch_device)
+            refine = dataclasses.replace(refine, device=str(torch_device))
         refined, refined_apix = refine_from_readout(prepared, result, model_apix, refine, classes=refine_classes,
                                                     max_box=refine_box)
     centres = None

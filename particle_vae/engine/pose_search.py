@@ -41,6 +41,7 @@ from particle_vae.conventions import warp_images
 __all__ = [
     "hermitian_weights",
     "frequency_radius",
+    "shell_index",
     "shell_means",
     "rotated_spectra",
     "psi_grid",
@@ -75,14 +76,21 @@ def frequency_radius(box: int, device=None, dtype=torch.float32) -> torch.Tensor
     return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
 
 
-def shell_means(values: torch.Tensor, box: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``values (..., box, box // 2 + 1)`` over each integer frequency shell.
+def shell_index(box: int, device=None) -> torch.Tensor:
+    """Integer frequency shell of every rfft2 coefficient, ``(box, box // 2 + 1)`` int64 in
+    ``0 .. box // 2`` (shells beyond Nyquist are folded into the last)."""
+    return frequency_radius(box, device=device).round().long().clamp(max=box // 2)
+
+
+def shell_means(values: torch.Tensor, box: int) -> torch.Tensor:
+    """Mean of ``values (..., box, box // 2 + 1)`` over each integer frequency shell (:func:`shell_index`),
+    each coefficient counted as often as it appears in the full Fourier plane.
 
     Returns:
-        ``(..., box // 2 + 1)`` (shells beyond Nyquist are folded into the last).
+        ``(..., box // 2 + 1)``.
     """
-    shells = frequency_radius(box, device=values.device).round().long().clamp(max=box // 2)
-    weights = hermitian_weights(box, device=values.device, dtype=values.dtype) if weights is None else weights
+    shells = shell_index(box, device=values.device)
+    weights = hermitian_weights(box, device=values.device, dtype=values.dtype)
     flat = (values * weights).reshape(values.shape[:-2] + (-1,))
     n_shells = box // 2 + 1
     total = torch.zeros(values.shape[:-2] + (n_shells,), device=values.device, dtype=values.dtype)

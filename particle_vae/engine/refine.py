@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -37,11 +38,11 @@ import torch
 from tqdm import tqdm
 
 from particle_vae.analysis.averages import centre_on_mass
-from particle_vae.conventions import fourier_shift, warp_images
+from particle_vae.conventions import fourier_shift_phase, undo_relion_pose
 from particle_vae.data.ctf import ctf_from_table
 from particle_vae.data.particles import make_loader
 from particle_vae.data.preprocess import circular_mask
-from particle_vae.engine.pose_search import best_poses, frequency_radius, local_refine, psi_grid, rotated_spectra, score_poses, shell_means
+from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses, shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class RefineSettings:
         top: most probable poses per particle that enter the reference update.
         regularisation: ``T`` of the Wiener filter (larger trusts the data more; RELION's 2D default is 2).
         mask_radius: soft mask of the references, pixels from the centre (default 0.45 of the box).
-        batch_size: particles per batch; device: torch device; seed: random seed of empty-class reseeding.
+        batch_size: particles per batch; device: torch device.
         margin: Fourier shells searched beyond the references' resolution.
     """
 
@@ -75,7 +76,6 @@ class RefineSettings:
     mask_radius: float | None = None
     batch_size: int = 32
     device: str = "cpu"
-    seed: int = 0
     margin: int = 3
 
 
@@ -141,7 +141,7 @@ def _ctf_for(table: pd.DataFrame | None, rows: np.ndarray, box: int, pixel_size:
 
 def _wiener(acc: _Accumulator, sigma2: torch.Tensor, regularisation: float, box: int) -> tuple[torch.Tensor, torch.Tensor]:
     """References ``(K, N, N)`` and their signal-to-noise ratio per shell ``(K, N//2+1)``."""
-    shells = frequency_radius(box, device=sigma2.device).round().long().clamp(max=box // 2)
+    shells = shell_index(box, device=sigma2.device)
     sigma2_f = sigma2[shells]  # (N, W)
     den = acc.denominator
     raw = acc.numerator / den.clamp_min(1e-12)
@@ -169,10 +169,8 @@ def _accumulate(acc: _Accumulator, images: torch.Tensor, rows: np.ndarray, best,
     poses = best.top.reshape(-1, 4).cpu().numpy()  # (B*P, 4): class, psi, dx, dy
     weights = best.top_weight.reshape(-1).to(images.device, torch.float64)
     repeated = images.repeat_interleave(top, dim=0).to(torch.float64)
-    d = torch.as_tensor(poses[:, 2:], device=images.device)
-    centred = fourier_shift(repeated, -d)
-    aligned = warp_images(centred, torch.as_tensor(-np.radians(poses[:, 1]), device=images.device),
-                          torch.zeros(len(poses), 2, dtype=torch.float64, device=images.device), mode="bicubic")
+    # the pose (psi, d) is RELION's (psi, origin -d), in pixels
+    aligned = undo_relion_pose(repeated, poses[:, 1], -poses[:, 2:], 1.0, mode="bicubic")
     spectra = torch.fft.rfft2(aligned)
     ctf = _ctf_for(table, np.repeat(rows, top), n, pixel_size, images.device, psi=poses[:, 1])
     classes = torch.as_tensor(poses[:, 0].astype(np.int64), device=images.device)
@@ -193,11 +191,7 @@ def _residual_power(spectra, ctf, reference_spectra, best, psi_deg: np.ndarray) 
     k = torch.as_tensor(pose[:, 0].astype(np.int64))
     r = torch.as_tensor(np.round(pose[:, 1] / step).astype(np.int64) % len(psi_deg))
     model = reference_spectra[k, r].to(spectra.device)
-    fy = torch.fft.fftfreq(n, device=spectra.device, dtype=torch.float64) * n
-    fx = torch.fft.rfftfreq(n, device=spectra.device, dtype=torch.float64) * n
-    d = torch.as_tensor(pose[:, 2:], device=spectra.device)
-    phase = torch.exp(-2j * math.pi * (fx[None, None, :] * d[:, 0, None, None] + fy[None, :, None] * d[:, 1, None, None]) / n)
-    model = model * phase
+    model = model * fourier_shift_phase(n, n, torch.as_tensor(pose[:, 2:], device=spectra.device))
     if ctf is not None:
         model = model * ctf
     residual = spectra.to(torch.complex128) - model
@@ -205,29 +199,24 @@ def _residual_power(spectra, ctf, reference_spectra, best, psi_deg: np.ndarray) 
 
 
 def _initial_references(dataset, table, pixel_size: float, labels: np.ndarray, psi_deg: np.ndarray, origin_px: np.ndarray,
-                        k: int, settings: RefineSettings, device, mask: torch.Tensor, sigma2: torch.Tensor | None):
+                        k: int, settings: RefineSettings, device, mask: torch.Tensor):
     """Wiener averages of the particles aligned with the seed poses, and the noise power of the raw particles."""
     box = mask.shape[-1]
     acc = _Accumulator(k, box, device)
     noise = torch.zeros(box // 2 + 1, dtype=torch.float64, device=device)
     count = 0
-
-    class _Seed:
-        pass
-
     for batch in make_loader(dataset, settings.batch_size, shuffle=False):
         images = batch["images"][:, 0].to(device, torch.float64)
         rows = batch["index"].numpy()
-        seed = _Seed()
-        seed.top = torch.as_tensor(np.stack([labels[rows], psi_deg[rows], -origin_px[rows, 0], -origin_px[rows, 1]], 1))
-        seed.top_weight = torch.ones(len(rows), 1, dtype=torch.float64)
+        seed = SimpleNamespace(top=torch.as_tensor(np.stack([labels[rows], psi_deg[rows], -origin_px[rows, 0], -origin_px[rows, 1]], 1)),
+                               top_weight=torch.ones(len(rows), 1, dtype=torch.float64))
         _accumulate(acc, images, rows, seed, table, pixel_size, 1)
         spectra = torch.fft.rfft2(images)
         noise += shell_means(spectra.real ** 2 + spectra.imag ** 2, box).sum(0)
         count += len(rows)
         acc.class_weight += torch.as_tensor(np.bincount(labels[rows], minlength=k), dtype=torch.float64, device=device)
     # at low SNR the particles' own power is mostly noise: a first, slightly high, noise estimate
-    sigma2 = noise / max(count, 1) if sigma2 is None else sigma2
+    sigma2 = noise / max(count, 1)
     refs, snr = _wiener(acc, sigma2, settings.regularisation, box)
     return _finish_references(refs, mask), sigma2, acc.class_weight / acc.class_weight.sum(), snr
 
@@ -272,7 +261,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
     mask = circular_mask(box, mask_radius, soft_edge=max(2.0, 0.05 * box), device=device, dtype=torch.float64)
     grid = psi_grid(settings.n_psi)
     refs, sigma2, class_prior, snr = _initial_references(dataset, table, pixel_size, labels, psi_deg, origin_px, k, settings,
-                                                         device, mask, None)
+                                                         device, mask)
     m = len(labels)
     out = {"classes": np.zeros(m, np.int64), "psi": np.zeros(m), "shift": np.zeros((m, 2)), "psi_std": np.zeros(m),
            "probability": np.zeros(m), "class_probability": np.zeros(m)}
@@ -283,7 +272,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
         cutoffs.append(cutoff)
         shift_step = max(1, int(box // (2 * cutoff)))
         reference_spectra = rotated_spectra(refs.to(torch.float32), grid)
-        inv_sigma2 = (1.0 / sigma2.clamp_min(1e-30))[frequency_radius(box, device=device).round().long().clamp(max=box // 2)]
+        inv_sigma2 = (1.0 / sigma2.clamp_min(1e-30))[shell_index(box, device=device)]
         inv_sigma2[0, 0] = 0.0  # the constant offset of each image carries no pose information
         acc = _Accumulator(k, box, device)
         log_prior = torch.log(class_prior.clamp_min(1e-6))
