@@ -65,7 +65,8 @@ def timed(command: list[str], log_path: Path, cwd: Path | None = None) -> dict:
     if code != 0:
         tail = log_path.read_text()[-2000:]
         raise SystemExit(f"{' '.join(command)} failed (exit {code}); see {log_path}:\n{tail}")
-    return {"command": " ".join(map(str, command)), "seconds": round(seconds, 1), "peak_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"command": " ".join(map(str, command)), "seconds": round(seconds, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def particle_vae(*args) -> list[str]:
@@ -131,24 +132,53 @@ def relion_available() -> bool:
     return shutil.which("relion_refine") is not None and shutil.which("relion_preprocess") is not None
 
 
+def normalise_for_relion(sim: Path) -> dict:
+    """``relion_preprocess --norm`` of the simulated stack (rerun every time: the simulation is rewritten on every run)."""
+    timing = timed(["relion_preprocess", "--operate_on", "particles.mrcs", "--operate_out", "particles_norm.mrcs", "--norm",
+                    "--bg_radius", str(int(0.45 * BOX))], sim / "relion_preprocess.log", cwd=sim)
+    text = (sim / "particles.star").read_text().replace("@particles.mrcs", "@particles_norm.mrcs")
+    (sim / "particles_norm.star").write_text(text)
+    return timing
+
+
 def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> tuple[dict, Path]:
-    """RELION 2D classification of the simulated particles; returns (timing, data STAR of the last iteration)."""
+    """RELION 2D classification of the normalised particles; returns (timing, data STAR of the last iteration).
+
+    A finished run in ``work`` is reused when its command and the normalised stack's checksum are the same.
+    """
     work.mkdir(parents=True, exist_ok=True)
     norm_stack = sim / "particles_norm.mrcs"
     steps = {}
-    if not norm_stack.exists():
-        steps["relion_preprocess"] = timed(["relion_preprocess", "--operate_on", "particles.mrcs", "--operate_out",
-                                            "particles_norm.mrcs", "--norm", "--bg_radius", str(int(0.45 * BOX))],
-                                           sim / "relion_preprocess.log", cwd=sim)
-        text = (sim / "particles.star").read_text().replace("@particles.mrcs", "@particles_norm.mrcs")
-        (sim / "particles_norm.star").write_text(text)
     out = work / "run"
+    final_star = Path(f"{out}_it{iterations:03d}_data.star")
     command = ["relion_refine", "--i", str(sim / "particles_norm.star"), "--o", str(out), "--K", str(k), "--iter", str(iterations),
                "--tau2_fudge", "2", "--particle_diameter", str(int(0.9 * BOX * APIX)), "--ctf", "--flatten_solvent", "--zero_mask",
                "--oversampling", "1", "--psi_step", "6", "--offset_range", "5", "--offset_step", "1", "--norm", "--scale",
                "--j", str(threads), "--pool", "30", "--pad", "2", "--dont_combine_weights_via_disc", "--random_seed", "0"]
-    steps[f"relion_refine_k{k}"] = timed(command, work / "relion_refine.log")
-    return steps, Path(f"{out}_it{iterations:03d}_data.star")
+    record_path = work / "relion_run.json"
+    stack_digest = file_digest(norm_stack)
+    if record_path.exists() and final_star.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("command") == " ".join(map(str, command)) and record.get("stack_sha256") == stack_digest:
+            print(f"reusing the RELION K={k} run in {work} (same command, same normalised stack)")
+            steps[f"relion_refine_k{k}"] = record["timing"]
+            return steps, final_star
+    # RELION resolves rlnImageName from the folder it runs in: the STAR's own folder here
+    timing = timed(command, work / "relion_refine.log", cwd=sim)
+    steps[f"relion_refine_k{k}"] = timing
+    record_path.write_text(json.dumps({"command": timing["command"], "stack_sha256": stack_digest, "timing": timing}, indent=2) + "\n")
+    return steps, final_star
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (the peer run is reused only on the very same stack)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -194,7 +224,7 @@ def main(argv=None) -> dict:
     ours_scores["peak_mib"] = max(step["peak_mib"] for step in ours.values())
     results["particle_vae"] = {"steps": ours, **ours_scores}
     if args.relion == "auto" and relion_available():
-        relion_steps = {}
+        relion_steps = {"relion_preprocess": normalise_for_relion(sim)}
         stars = {}
         for k in (3, 10):
             timing, star = run_relion(sim, work / f"relion_k{k}", k, args.relion_iterations, args.threads)

@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import sys
+import textwrap
+from pathlib import Path
 
 from particle_vae import __version__
 from particle_vae.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, ParticleVAEError
@@ -31,12 +33,85 @@ log = logging.getLogger("particle_vae")
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$", re.IGNORECASE)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """The help layout of every command: descriptions keep their indented lines
+    (examples, file lists) as written and re-flow only their prose; every option
+    with a default shows it as ``(default: VALUE)``.
+
+    Options whose default is ``None`` (set later by a preset, a config class or the
+    input) say their default in their own help text, in the same ``(default: ...)`` form.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks: list[str] = []
+        prose: list[str] = []
+
+        def flush_prose() -> None:
+            if prose:
+                blocks.append(textwrap.fill(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[0].isspace():
+                prose.append(line.strip())
+            else:
+                flush_prose()
+                blocks.append(indent + line if line.strip() else "")
+        flush_prose()
+        return "\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flags = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction,
+                 argparse._HelpAction, argparse._VersionAction)
+        if (action.option_strings and action.default not in (None, argparse.SUPPRESS) and not isinstance(action, flags)
+                and "%(default)" not in text and "(default:" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _StoreInto(argparse.Action):
+    """Stores its value into another option's ``dest`` (for a hidden old spelling of a renamed option)."""
+
+    def __init__(self, option_strings, dest, target: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.target = target
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.target, values)
+
+
+def add_stack_dir_option(parser: argparse._ActionsContainer, help_text: str = "folder holding the particle stacks that the STAR's rlnImageName names, "
+                                                  "e.g. the RELION project folder (default: paths relative to the STAR's "
+                                                  "folder)") -> None:
+    """``--stack-dir FOLDER`` (``args.stack_dir``), with the old spelling ``--datadir`` accepted but not shown.
+
+    The dest of the old spelling starts with ``_`` so that relaunching the command
+    (``--gpus``) writes the folder once, as ``--stack-dir``.
+    """
+    parser.add_argument("--stack-dir", dest="stack_dir", type=Path, metavar="FOLDER", help=help_text)
+    parser.add_argument("--datadir", dest="_datadir_spelling", action=_StoreInto, target="stack_dir", type=Path,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--gpus N`` and ``--ddp-cpu-processes N`` (:func:`particle_vae.engine.distributed.add_launch_args`),
+    with their default said in their help."""
+    from particle_vae.engine.distributed import LAUNCH_OPTIONS, add_launch_args
+
+    add_launch_args(parser, what)
+    for action in parser._actions:
+        if action.dest in LAUNCH_OPTIONS and action.help and "(default:" not in action.help:
+            action.help += " (default: one process, no torchrun)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only`` (a subcommand name) the other subcommands
     are listed by name and help line without importing their modules (faster start)."""
     parser = argparse.ArgumentParser(
         prog="particle-vae",
         description="Pose-invariant representation learning for cryo-EM particle images.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"particle-vae {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
@@ -45,10 +120,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
-            sub.add_parser(name, help=help_text)
+            sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
             continue
         module = importlib.import_module(f"particle_vae.commands.{module_name}")
-        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                 formatter_class=HelpFormatter)
         command._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own misses -1e9
         module.add_args(command)
         command.set_defaults(_handler=module.main)

@@ -49,7 +49,7 @@ def test_info_on_a_bare_stack(cryoem_dir, capsys):
     [
         (lambda d, tmp: d / "empiar10025_metadata" / "ctf_params.star", "rlnImageName"),
         (lambda d, tmp: tmp / "missing.star", "missing.star: file not found"),
-        (lambda d, tmp: d / "empiar10025_metadata" / "particles.star", "--datadir"),
+        (lambda d, tmp: d / "empiar10025_metadata" / "particles.star", "--stack-dir"),
     ],
 )
 def test_bad_input_gives_one_line_error(cryoem_dir, tmp_path, capsys, make_input, expected):

@@ -131,7 +131,7 @@ def test_star_input_order_datadir_and_storage_order(tmp_path: Path, toy_stack: P
     star = write_star30(tmp_path / "elsewhere.star", [image_name(int(i), "Extract/parts.mrcs") for i in rows])
     with pytest.raises(InputFileError) as excinfo:
         open_source(star)
-    one_line_error(excinfo, str(star), "Extract/parts.mrcs", "--datadir")
+    one_line_error(excinfo, str(star), "Extract/parts.mrcs", "--stack-dir")
     source = open_source(star, datadir=tmp_path / "project")
     assert source.stack_paths == [stacks / "parts.mrcs"]
     np.testing.assert_array_equal(source.image_index, rows)

@@ -76,9 +76,9 @@ def test_star_without_image_name_is_a_clear_error(cryoem_dir):
     assert "ctf_params.star" in str(info.value) and "rlnImageName" in str(info.value)
 
 
-def test_missing_stack_names_the_star_and_suggests_datadir(cryoem_dir):
+def test_missing_stack_names_the_star_and_suggests_stack_dir(cryoem_dir):
     star = ParticleStar(cryoem_dir / "empiar10025_metadata" / "particles.star")
-    with pytest.raises(InputFileError, match="--datadir"):
+    with pytest.raises(InputFileError, match="--stack-dir"):
         star.image_locations()
 
 

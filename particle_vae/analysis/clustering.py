@@ -11,11 +11,25 @@ rescaled. Three methods:
   once, on at most ``WARD_MAX_FIT`` particles drawn at random; every particle
   is then given the cluster of the nearest centre), centres are member means.
 
-``--k auto`` (:func:`suggest_k`) scores every k in a range: the Bayesian
-information criterion of the Gaussian mixture for ``gmm`` (lower is better;
-``k = 1`` allowed) and the mean silhouette coefficient for ``kmeans`` and
-``ward`` (higher is better; ``k >= 2``), computed on at most
-``SILHOUETTE_SAMPLE`` particles.
+``--k auto`` (:func:`suggest_k`) scores every k in a range (``1..10`` by
+default) and says how strongly the data support the choice:
+
+* ``gmm``: the Bayesian information criterion of the Gaussian mixture, lowest
+  wins (``k = 1`` included). ``exp(-BIC_k / 2)`` approximates the marginal
+  likelihood of k (Schwarz 1978), so the normalised weights are approximate
+  posterior probabilities of each k (equal prior over the range), and the BIC
+  difference to the runner-up is graded on Kass & Raftery's (1995) scale.
+* ``kmeans``, ``ward``: first the gap statistic (Tibshirani, Walther & Hastie
+  2001) tests one population against several: the pooled within-cluster sum of
+  squares of k-means, ``W_k``, is compared with its mean over uniform reference
+  sets in the box of the data's principal axes, ``Gap(k) = E*[log W*_k] -
+  log W_k``, and k = 1 is kept by their one-standard-error rule ``Gap(1) >=
+  Gap(2) - s_2``. Among unimodal (log-concave) populations the uniform one
+  gains most from a split, so one population is rejected only when a split
+  gains more than it does on uniform data. When it is rejected, the mean
+  silhouette coefficient picks k among ``k >= 2`` (highest wins) and is graded
+  on Kaufman & Rousseeuw's (1990) scale. Both are computed on at most
+  ``SILHOUETTE_SAMPLE`` particles.
 
 Clusters are numbered by size, largest first (ties by first appearance), so
 the numbering does not depend on the library's random initialisation order.
@@ -41,6 +55,12 @@ WARD_MAX_FIT = 5000
 SILHOUETTE_SAMPLE = 5000
 #: default upper end of the k range searched by ``--k auto``
 DEFAULT_K_MAX = 10
+#: uniform reference sets of the gap statistic (Tibshirani et al. 2001 use 10 to 20)
+GAP_REFERENCES = 20
+#: Kass & Raftery (1995): BIC difference (about 2 ln Bayes factor) -> strength of the evidence for the better k
+BIC_EVIDENCE = ((10.0, "very strong"), (6.0, "strong"), (2.0, "positive"), (float("-inf"), "weak"))
+#: Kaufman & Rousseeuw (1990): mean silhouette -> structure found (> 0.70 strong, > 0.50 reasonable, > 0.25 weak)
+SILHOUETTE_EVIDENCE = ((0.70, "strong"), (0.50, "reasonable"), (0.25, "weak"), (float("-inf"), "none"))
 
 #: up to this many particles, clustering runs on one thread (thread start-up and
 #: contention with other processes cost far more than they gain on small sets)
@@ -89,18 +109,77 @@ class ClusterResult:
 
 
 @dataclass
+class GapTest:
+    """The gap statistic's test of one population against several (Tibshirani, Walther & Hastie 2001).
+
+    Attributes:
+        gap_1, gap_2: ``Gap(k) = E*[log W*_k] - log W_k`` for k = 1 and 2, with ``W_k`` the
+            pooled within-cluster sum of squares of k-means (latent units squared) and
+            ``E*`` the mean over uniform reference sets in the box of the data's principal axes.
+        se_2: ``s_2 = sd(log W*_2) * sqrt(1 + 1 / references)``.
+        z: ``(gap_2 - gap_1) / se_2``: how much more a split into two gains on the data
+            than on uniform data, in standard errors; one population when ``z <= 1``
+            (the one-standard-error rule ``Gap(1) >= Gap(2) - s_2``).
+        references: number of uniform reference sets.
+        particles: latent vectors used (a random subset of at most ``SILHOUETTE_SAMPLE``).
+    """
+
+    gap_1: float
+    gap_2: float
+    se_2: float
+    z: float
+    references: int
+    particles: int
+
+    @property
+    def one_population(self) -> bool:
+        return not self.z > 1.0
+
+    def record(self) -> dict:
+        """JSON-ready values (infinities as strings)."""
+        def number(value: float):
+            return round(value, 6) if np.isfinite(value) else str(value)
+
+        return {"test": "gap statistic", "gap_1": number(self.gap_1), "gap_2": number(self.gap_2),
+                "se_2": number(self.se_2), "z": number(self.z), "one_population": self.one_population,
+                "references": self.references, "particles": self.particles}
+
+
+@dataclass
 class KSelection:
-    """Scores of each candidate number of clusters.
+    """Scores of each candidate number of clusters, and how strongly the data support the choice.
 
     Attributes:
         k: the suggested number of clusters.
         criterion: ``"bic"`` (lower is better) or ``"silhouette"`` (higher is better).
-        scores: candidate k -> score.
+        scores: candidate k -> score (silhouette: only ``k >= 2``; k = 1 is judged by ``single_population``).
+        strength: the evidence for ``k`` on the criterion's published scale: BIC (Kass & Raftery)
+            ``"very strong"``, ``"strong"``, ``"positive"``, ``"weak"``; silhouette (Kaufman &
+            Rousseeuw) ``"strong"``, ``"reasonable"``, ``"weak"``, ``"none"``; k = 1 by the gap
+            statistic ``"strong"`` (a split gains less than on uniform data) or ``"weak"``;
+            ``"untested"`` when the range held one k.
+        evidence: one sentence with the numbers behind ``strength``.
+        caution: a sentence for the user when the evidence is weak, else ``None``.
+        single_population: the test of one population against several (``None`` when the
+            range does not start at 1): for ``gmm`` the approximate posterior probability of
+            k = 1, for ``kmeans``/``ward`` the :class:`GapTest` record.
+        probabilities: ``gmm`` only: candidate k -> approximate posterior probability (BIC weights).
     """
 
     k: int
     criterion: str
     scores: dict[int, float]
+    strength: str = "untested"
+    evidence: str = ""
+    caution: str | None = None
+    single_population: dict | None = None
+    probabilities: dict[int, float] | None = None
+
+    def record(self) -> dict:
+        """How k was chosen, for ``analysis.json``."""
+        return {"strength": self.strength, "evidence": self.evidence, "caution": self.caution,
+                "single_population": self.single_population,
+                "probabilities": None if self.probabilities is None else {str(k): round(p, 6) for k, p in self.probabilities.items()}}
 
 
 def _check_z(z) -> np.ndarray:
@@ -217,20 +296,78 @@ def _fit_clusters(z: np.ndarray, k: int, method: str, seed: int) -> ClusterResul
 
 
 def default_k_range(method: str, n: int, k_max: int = DEFAULT_K_MAX) -> tuple[int, int]:
-    """``(k_min, k_max)`` searched by :func:`suggest_k`: from 1 (``gmm``) or 2
-    up to ``k_max``, capped by the number of particles (``N`` for BIC, ``N - 1``
-    for the silhouette)."""
-    if method == "gmm":
-        return 1, max(1, min(k_max, n))
-    return 2, max(2, min(k_max, n - 1))
+    """``(k_min, k_max)`` searched by :func:`suggest_k`: from 1 up to ``k_max``, capped
+    by the number of particles (``N`` for BIC, ``N - 1`` for the silhouette)."""
+    return 1, max(1, min(k_max, n if method == "gmm" else n - 1))
+
+
+def _graded(value: float, scale) -> str:
+    """The label of the first ``(threshold, label)`` of ``scale`` that ``value`` exceeds (else the last label)."""
+    return next((label for threshold, label in scale if value > threshold), scale[-1][1])
+
+
+def gap_test(z, seed: int = 0, references: int = GAP_REFERENCES) -> GapTest:
+    """Test one population against several with the gap statistic (see :class:`GapTest`).
+
+    Args:
+        z: ``(N, d)`` latent means (prior units), ``N >= 2``.
+        seed: seeds the subset (above ``SILHOUETTE_SAMPLE`` particles), the reference sets and k-means.
+        references: number of uniform reference sets ``B``.
+    Returns:
+        A :class:`GapTest`; identical latents give ``z = -inf`` (one population), latents
+        with exactly two distinct values ``z = +inf``.
+    """
+    z = _check_z(z)
+    if len(z) < 2:
+        raise ValueError(f"the gap statistic needs at least 2 latent vectors, got {len(z)}")
+    with _thread_limit(len(z)):
+        return _gap_test(z, seed, references)
+
+
+def _gap_test(z: np.ndarray, seed: int, references: int) -> GapTest:
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(seed)
+    if len(z) > SILHOUETTE_SAMPLE:
+        z = z[np.sort(rng.choice(len(z), SILHOUETTE_SAMPLE, replace=False))]
+    centred = z - z.mean(0)
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    rotated = centred @ axes.T  # the reference box is aligned with the principal axes (Tibshirani et al., method b)
+    low, high = rotated.min(0), rotated.max(0)
+
+    def log_dispersions(points: np.ndarray) -> tuple[float, float]:
+        """``log W_1, log W_2`` (``-inf`` for a zero sum of squares)."""
+        total = float(((points - points.mean(0)) ** 2).sum())
+        if total == 0.0:
+            return float("-inf"), float("-inf")
+        split = float(KMeans(n_clusters=2, n_init=10, random_state=seed).fit(points).inertia_)
+        with np.errstate(divide="ignore"):
+            return float(np.log(total)), float(np.log(split))
+
+    data_1, data_2 = log_dispersions(rotated)
+    if not np.isfinite(data_1):  # every latent vector identical
+        return GapTest(gap_1=0.0, gap_2=0.0, se_2=0.0, z=float("-inf"), references=0, particles=len(z))
+    reference = np.array([log_dispersions(rng.uniform(low, high, size=rotated.shape)) for _ in range(references)])
+    gap_1 = float(reference[:, 0].mean() - data_1)
+    gap_2 = float(reference[:, 1].mean() - data_2)
+    se_2 = float(reference[:, 1].std() * np.sqrt(1.0 + 1.0 / references))
+    if not np.isfinite(gap_2):
+        score = float("inf")
+    else:
+        score = (gap_2 - gap_1) / se_2 if se_2 > 0 else float("inf") if gap_2 > gap_1 else float("-inf")
+    return GapTest(gap_1=gap_1, gap_2=gap_2, se_2=se_2, z=float(score), references=references, particles=len(z))
 
 
 def suggest_k(z, method: str = "kmeans", k_range: tuple[int, int] | None = None, seed: int = 0) -> KSelection:
     """Score every ``k`` in ``k_range`` (inclusive) and pick the best.
 
     ``gmm``: BIC of a full-covariance Gaussian mixture, lowest wins.
-    ``kmeans`` / ``ward``: mean silhouette coefficient (Euclidean) of that
-    method's clusters, highest wins (on at most ``SILHOUETTE_SAMPLE`` particles).
+    ``kmeans`` / ``ward``: with k = 1 in the range, the gap statistic first tests
+    one population against several (:func:`gap_test`); otherwise (or when it is
+    rejected) the mean silhouette coefficient (Euclidean) of that method's
+    clusters picks the highest-scoring ``k >= 2`` (both on at most
+    ``SILHOUETTE_SAMPLE`` particles). The result says how strong the evidence is
+    (see the module docstring and :class:`KSelection`).
 
     Args:
         z: ``(N, d)`` latent means.
@@ -238,8 +375,8 @@ def suggest_k(z, method: str = "kmeans", k_range: tuple[int, int] | None = None,
     Returns:
         A :class:`KSelection`; ties go to the smaller k.
     Raises:
-        ValueError: a range the criterion cannot score (silhouette needs
-            ``2 <= k <= N - 1``, BIC ``1 <= k <= N``).
+        ValueError: a range the method cannot score (``kmeans``/``ward``
+            ``1 <= k <= N - 1``, ``gmm`` ``1 <= k <= N``).
     """
     z = _check_z(z)
     with _thread_limit(len(z)):
@@ -251,26 +388,63 @@ def _suggest_k(z: np.ndarray, method: str, k_range, seed: int) -> KSelection:
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r} (choose from {', '.join(METHODS)})")
     k_min, k_max = k_range if k_range is not None else default_k_range(method, n)
-    criterion, larger_better = CRITERIA[method]
-    low, high = (1, n) if criterion == "bic" else (2, n - 1)
+    criterion, _ = CRITERIA[method]
+    low, high = (1, n) if criterion == "bic" else (1, max(1, n - 1))
     if k_min > k_max or k_min < low or k_max > high:
-        raise ValueError(f"{criterion} can score k from {low} to {high} for {n} particles; got the range {k_min}..{k_max}")
-    scores: dict[int, float] = {}
+        scorer = "bic" if criterion == "bic" else "the gap statistic (k = 1) and the silhouette (k >= 2)"
+        raise ValueError(f"{scorer} can score k from {low} to {high} for {n} particles; got the range {k_min}..{k_max}")
     if criterion == "bic":
-        from sklearn.mixture import GaussianMixture
-
-        for k in range(k_min, k_max + 1):
-            model = GaussianMixture(n_components=k, covariance_type="full", n_init=3, random_state=seed, reg_covar=1e-6).fit(z)
-            scores[k] = float(model.bic(z))
-            log.info("k = %d: BIC %.6g", k, scores[k])
+        selection = _suggest_by_bic(z, k_min, k_max, seed)
     else:
-        from sklearn.metrics import silhouette_score
+        selection = _suggest_by_gap_and_silhouette(z, method, k_min, k_max, seed)
+    log.info("suggested k = %d (evidence %s): %s", selection.k, selection.strength, selection.evidence)
+    return selection
 
+
+def _suggest_by_bic(z: np.ndarray, k_min: int, k_max: int, seed: int) -> KSelection:
+    from sklearn.mixture import GaussianMixture
+
+    scores: dict[int, float] = {}
+    for k in range(k_min, k_max + 1):
+        model = GaussianMixture(n_components=k, covariance_type="full", n_init=3, random_state=seed, reg_covar=1e-6).fit(z)
+        scores[k] = float(model.bic(z))
+        log.info("k = %d: BIC %.6g", k, scores[k])
+    best = min(scores, key=lambda key: (scores[key], key))
+    # exp(-BIC/2) approximates each k's marginal likelihood: normalised, the approximate posterior probabilities
+    relative = np.array([scores[k] - scores[best] for k in scores])
+    weights = np.exp(-relative / 2.0)
+    probabilities = {k: float(w) for k, w in zip(scores, weights / weights.sum())}
+    single = {"test": "bic", "p_one_population": round(probabilities[1], 6)} if 1 in scores else None
+    if len(scores) == 1:
+        return KSelection(k=best, criterion="bic", scores=scores, strength="untested", single_population=single,
+                          probabilities=probabilities, evidence=f"only k = {best} was searched")
+    runner_up = min((k for k in scores if k != best), key=lambda key: (scores[key], key))
+    margin = scores[runner_up] - scores[best]
+    strength = _graded(margin, BIC_EVIDENCE)
+    evidence = (f"BIC gives k = {best} an approximate posterior probability of {probabilities[best]:.3g} "
+                f"(runner-up k = {runner_up}: {probabilities[runner_up]:.3g}, BIC {margin:.3g} higher: {strength} evidence "
+                f"on Kass & Raftery's scale)")
+    if single is not None and best != 1:
+        evidence += f"; one population: {probabilities[1]:.3g}"
+    caution = None
+    if strength == "weak":
+        caution = (f"k = {best} and k = {runner_up} are about equally supported (BIC differs by {margin:.3g} < 2); "
+                   f"look at latent_scatter.png and compare --k {best} with --k {runner_up}")
+    return KSelection(k=best, criterion="bic", scores=scores, strength=strength, evidence=evidence, caution=caution,
+                      single_population=single, probabilities=probabilities)
+
+
+def _suggest_by_gap_and_silhouette(z: np.ndarray, method: str, k_min: int, k_max: int, seed: int) -> KSelection:
+    from sklearn.metrics import silhouette_score
+
+    n = len(z)
+    scores: dict[int, float] = {}
+    if k_max >= 2:
         sample = SILHOUETTE_SAMPLE if n > SILHOUETTE_SAMPLE else None
         tree = rows = None
         if method == "ward":
             tree, rows = _ward_tree(z, seed)
-        for k in range(k_min, k_max + 1):
+        for k in range(max(2, k_min), k_max + 1):
             if method == "ward":
                 labels = _ward_labels(z, tree, rows, k)
             else:
@@ -282,10 +456,39 @@ def _suggest_k(z: np.ndarray, method: str, k_range, seed: int) -> KSelection:
             else:
                 scores[k] = float(silhouette_score(z, labels, sample_size=sample, random_state=seed))
             log.info("k = %d: silhouette %.4f", k, scores[k])
-    sign = -1.0 if larger_better else 1.0
-    best = min(scores, key=lambda key: (sign * scores[key], key))
-    log.info("suggested k = %d (%s %s)", best, "highest" if larger_better else "lowest", criterion)
-    return KSelection(k=int(best), criterion=criterion, scores=scores)
+    if k_min == k_max == 1:
+        return KSelection(k=1, criterion="silhouette", scores=scores, strength="untested", evidence="only k = 1 was searched")
+    best_split = max(scores, key=lambda key: (scores[key], -key))
+    split_strength = _graded(scores[best_split], SILHOUETTE_EVIDENCE)
+    silhouette_text = (f"silhouette {scores[best_split]:.3g} at k = {best_split}: {split_strength} structure on "
+                       f"Kaufman & Rousseeuw's scale")
+    if k_min >= 2:
+        caution = None
+        if split_strength in ("weak", "none"):
+            caution = (f"the clusters overlap ({silhouette_text}) and one population was not tested (--k-range starts "
+                       f"at {k_min}); treat the classes as uncertain or search from 1")
+        return KSelection(k=best_split, criterion="silhouette", scores=scores, strength=split_strength,
+                          evidence=f"{silhouette_text}; k = 1 not tested (--k-range starts at {k_min})", caution=caution)
+    gap = gap_test(z, seed)
+    log.info("gap statistic: Gap(1) %.4g, Gap(2) %.4g, s_2 %.3g, z = (Gap(2) - Gap(1)) / s_2 = %.3g", gap.gap_1, gap.gap_2,
+             gap.se_2, gap.z)
+    gap_text = (f"gap statistic z = {gap.z:.3g} (how much more a split in two gains than on uniform data, in standard "
+                f"errors; more than one population needs z > 1)")
+    if gap.one_population:
+        strength = "strong" if gap.z <= 0 else "weak"
+        caution = None
+        if strength == "weak":
+            caution = (f"one population by the gap statistic's one-standard-error rule, but a split gains more than on "
+                       f"uniform data ({gap.z:.3g} standard errors); a second population may be present: look at "
+                       f"latent_scatter.png and try --k 2")
+        return KSelection(k=1, criterion="silhouette", scores=scores, strength=strength, caution=caution,
+                          evidence=f"{gap_text}; best split: {silhouette_text}", single_population=gap.record())
+    caution = None
+    if split_strength in ("weak", "none"):
+        caution = (f"more than one population (gap statistic), but the clusters overlap ({silhouette_text}); treat the "
+                   f"class boundaries, and k, as uncertain")
+    return KSelection(k=best_split, criterion="silhouette", scores=scores, strength=split_strength,
+                      evidence=f"{gap_text}; {silhouette_text}", caution=caution, single_population=gap.record())
 
 
 # --------------------------------------------------------------------------- selection

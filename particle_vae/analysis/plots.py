@@ -310,26 +310,54 @@ def plot_pose_histograms(psi_deg, origin_angst, png: str | Path, csv: str | Path
     return [save_figure(fig, png), save_csv(pd.DataFrame.from_records(records), csv)]
 
 
+#: what each logged KL term measures (the models' ``kl_*`` terms, docs/models.md), for the figure's legend
+KL_TERMS = {
+    "kl_pose": "pose cell (rotation channel, position) vs p(t, r)",
+    "kl_theta": "rotation angle theta (TARGET-VAE: offset in its channel)",
+    "kl_z": "semantic latent z vs N(0, I)",
+    "kl_offset": "sub-pixel shift in the cell",
+    "kl_t": "translation t",
+    "kl_cluster": "cluster latent (mixture bound)",
+    "kl_tau": "transformation tau",
+    "kl_v": "latent v",
+}
+
+
 def plot_training_curves(rows: list[dict], png: str | Path, csv: str | Path) -> list[Path]:
     """ELBO (train and validation), KL terms and learning rate per epoch from ``metrics.jsonl`` rows.
 
+    Epochs are counted from 1, as ``train.log`` counts them (``metrics.jsonl``'s
+    0-based ``epoch`` + 1). ELBO and KL terms are nats per image.
+
     Writes:
-        ``png`` and ``csv`` (one row per epoch, every numeric metric).
+        ``png`` and ``csv`` (one row per epoch, every numeric metric; ``epoch`` counted from 1).
     """
+    fig, frame = training_curves_figure(rows)
+    return [save_figure(fig, png), save_csv(frame, csv)]
+
+
+def training_curves_figure(rows: list[dict]):
+    """The figure of :func:`plot_training_curves` and its table (``epoch`` counted from 1)."""
     frame = pd.DataFrame(rows)
-    if "epoch" not in frame.columns:
-        frame.insert(0, "epoch", np.arange(len(frame)))
+    if "epoch" in frame.columns:
+        frame["epoch"] = frame["epoch"].astype(int) + 1
+    else:
+        frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     x = frame["epoch"].to_numpy()
-    fig = _figure(13, 3.5)
+    fig = _figure(14, 4.2)
     axes = fig.subplots(1, 3)
-    for name, style in (("train_elbo", "-o"), ("val_elbo", "--s")):
+    for name, style, label in (("train_elbo", "-o", "training"), ("val_elbo", "--s", "validation")):
         if name in frame:
-            axes[0].plot(x, frame[name], style, label=name, markersize=4)
-    axes[0].set_ylabel("ELBO per image (nats)")
+            axes[0].plot(x, frame[name], style, label=label, markersize=4)
+    axes[0].set_ylabel("ELBO per image (nats; higher is better)")
+    axes[0].set_title("ELBO = log-likelihood - sum of the KL terms", fontsize="small")
     kl = [c for c in frame.columns if c.startswith("train_kl_")]
     for name in kl:
-        axes[1].plot(x, frame[name], "-o", label=name[len("train_"):], markersize=3)
+        term = name[len("train_"):]
+        meaning = KL_TERMS.get(term)
+        axes[1].plot(x, frame[name], "-o", label=f"{term}: {meaning}" if meaning else term, markersize=3)
     axes[1].set_ylabel("KL per image (nats), training")
+    axes[1].set_title("KL(posterior || prior) of each latent: the\ninformation the encoder puts in it", fontsize="small")
     if "lr" in frame:
         axes[2].plot(x, frame["lr"], "-o", markersize=3)
         axes[2].set_yscale("log")
@@ -337,10 +365,10 @@ def plot_training_curves(rows: list[dict], png: str | Path, csv: str | Path) -> 
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (from 1, as in train.log)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="x-small")
     fig.suptitle(f"training curves ({len(frame)} epochs)")
-    return [save_figure(fig, png), save_csv(frame, csv)]
+    return fig, frame
 

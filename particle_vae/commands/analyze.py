@@ -5,7 +5,8 @@ a run directory together with --star. The latent means are clustered (k-means,
 Gaussian mixture or Ward; --k auto scores a range of k), and OUT receives:
 
   clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based)
-  analysis.json              method, k, scores, per-class counts, settings, files
+  analysis.json              method, k (with --k auto: how strongly the data support it), scores,
+                             per-class counts, settings, files
   class_averages.mrcs/.star  per class, the mean of its particles with the written pose undone
                              (then centred on its centre of mass, origins updated; --no-center: not)
   class_averages.png         the averages (and, with a run, the decoded cluster centres)
@@ -46,33 +47,36 @@ def _k_value(text: str):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the file list above as laid out
+    from particle_vae.cli import add_stack_dir_option
+
     parser.add_argument("input", type=Path, help="STAR written by particle-vae infer, or a run directory (then give --star)")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
-    parser.add_argument("--star", type=Path, help="the inferred STAR, when INPUT is a run directory")
+    parser.add_argument("--star", type=Path, help="the inferred STAR, when INPUT is a run directory (default: none)")
     parser.add_argument("--run", type=Path, help="run directory that wrote the STAR: enables decoded centres, traversal, "
-                                                 "training curves, and reads particles with its preprocessing")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="checkpoint of the run (default best)")
-    parser.add_argument("--method", choices=["kmeans", "gmm", "ward"], default="kmeans", help="clustering method (default kmeans)")
+                                                 "training curves, and reads particles with its preprocessing (default: none)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="checkpoint of the run")
+    parser.add_argument("--method", choices=["kmeans", "gmm", "ward"], default="kmeans", help="clustering method")
     parser.add_argument("--k", type=_k_value, default="auto",
-                        help="number of clusters, or 'auto' (default): lowest BIC for gmm, highest silhouette for kmeans/ward")
+                        help="number of clusters, or auto: gmm by the lowest BIC (k = 1 included); kmeans/ward test one population "
+                             "against several with the gap statistic, then take the highest silhouette (see docs/analysis.md)")
     parser.add_argument("--k-range", type=int, nargs=2, metavar=("KMIN", "KMAX"),
-                        help="k searched by --k auto (default 1..10 for gmm, 2..10 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of clustering and embeddings (default 0)")
+                        help="k searched by --k auto (default: 1 10, capped by the number of particles)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of clustering, the k test and embeddings")
     parser.add_argument("--tsne", action="store_true", help="also draw a t-SNE embedding of the latents (slower)")
-    parser.add_argument("--gallery", type=int, default=6, metavar="G", help="particles shown per class in gallery.png (default 6)")
+    parser.add_argument("--gallery", type=int, default=6, metavar="G", help="particles shown per class in gallery.png, 0 for none")
     parser.add_argument("--traverse", type=int, nargs="+", metavar="DIM",
-                        help="latent dimensions (1-based, one or two) of the traversal grid (default 1 2, or 1 for one latent)")
-    parser.add_argument("--traversal-steps", type=int, default=7, help="values per traversed dimension (default 7)")
+                        help="latent dimensions (1-based, one or two) of the traversal grid (default: 1 2, or 1 for one latent)")
+    parser.add_argument("--traversal-steps", type=int, default=7, help="values per traversed dimension")
     parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"], default="background",
-                        help="per-image normalisation of raw particles when no run is given (default background)")
+                        help="per-image normalisation of raw particles when no run is given")
     parser.add_argument("--no-images", action="store_true", help="do not read particle images (no class averages or gallery)")
     parser.add_argument("--no-center", action="store_true",
                         help="keep the class averages where the poses put them; by default each aligned average is moved "
                              "to put its centre of mass on the box centre and the particles' origins are changed to match")
-    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
-    parser.add_argument("--pixel-size", type=float, help="override the particles' pixel size, Angstrom")
-    parser.add_argument("--batch-size", type=int, default=256, help="particles read at once (default 256)")
+    add_stack_dir_option(parser)
+    parser.add_argument("--pixel-size", type=float, metavar="A",
+                        help="the particles' pixel size, Angstrom (default: the STAR's, else the stack header's)")
+    parser.add_argument("--batch-size", type=int, default=256, help="particles read at once")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
 
 
@@ -107,11 +111,15 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.analysis import clustering, plots
     from particle_vae.errors import InputFileError, ParticleVAEError
     from particle_vae.io.atomic import atomic_write_text, check_output_path
+    from particle_vae.io.infer_pair import check_pair
     from particle_vae.io.mrc import write_stack
     from particle_vae.io.star import ParticleStar, image_name, make_particle_star
 
     started = time.time()
     star_path, run_path = _resolve_inputs(args)
+    missing_npz = check_pair(star_path, allow_missing_npz=True)  # a STAR beside another infer run's .npz is refused
+    if missing_npz:
+        log.warning("%s; analyze goes on with the STAR alone", missing_npz)
     star = ParticleStar(star_path)
     columns = clustering.latent_columns(star.particles)
     if not columns:
@@ -183,6 +191,8 @@ def main(args: argparse.Namespace) -> int:
     criterion, _ = clustering.CRITERIA[args.method]
     if selection is not None:
         scores = {str(key): value for key, value in selection.scores.items()}
+        if selection.caution:
+            log.warning("k = %d is uncertain: %s", k, selection.caution)
     else:
         scores = {str(k): clustering.score_clusters(z, result.labels, criterion, args.seed, bic=result.info.get("bic"))}
     scores = {key: (value if value is not None and np.isfinite(value) else None) for key, value in scores.items()}
@@ -196,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     image_pixel_size = None
     centre_shifts = recentred = None
     if not args.no_images:
-        prepared = avg.particle_images(star_path, run_config=config, datadir=args.datadir, pixel_size=args.pixel_size,
+        prepared = avg.particle_images(star_path, run_config=config, datadir=args.stack_dir, pixel_size=args.pixel_size,
                                        normalize=args.normalize)
         avg.check_same_particles(prepared, n, star_path)
         for line in prepared.steps:
@@ -236,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.engine.inference import relocated_names_for_star
 
     source = prepared.source if prepared is not None else None
-    new_columns = {**relocated_names_for_star(star_path, paths["star"].parent, args.datadir, source), **new_columns}
+    new_columns = {**relocated_names_for_star(star_path, paths["star"].parent, args.stack_dir, source), **new_columns}
     star.with_columns(new_columns).write(paths["star"], overwrite=True)
     log.info("wrote %s (%d particles, rlnClassNumber 1..%d)", paths["star"], n, k)
 
@@ -315,6 +325,7 @@ def main(args: argparse.Namespace) -> int:
         "criterion": criterion,
         "criterion_better": "higher" if clustering.CRITERIA[args.method][1] else "lower",
         "scores": scores,
+        "k_confidence": None if selection is None else selection.record(),
         "seed": args.seed,
         "fit": result.info,
         "classes": [{"class": j + 1, "count": int(c), "fraction": float(c / n),

@@ -27,11 +27,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="the cache stack to write (e.g. particles_cache.mrcs; a .json goes beside it)")
-    parser.add_argument("--dtype", choices=sorted(CACHE_DTYPES), default="float16", help="stored values (default float16)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="take the preprocessing of this training preset")
+    parser.add_argument("--dtype", choices=sorted(CACHE_DTYPES), default="float16", help="stored values")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="take the preprocessing of this training preset (default: none)")
     add_input_options(parser)
-    parser.add_argument("--batch-size", type=int, default=512, help="particles per read")
-    parser.add_argument("--workers", type=int, default=0, help="reader processes")
+    parser.add_argument("--batch-size", type=int, default=512, help="particles read and written at once")
+    parser.add_argument("--workers", type=int, default=0, help="reader processes, 0: read in the main process")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None:
             prep[name] = value
-    source = open_source(args.input.resolve(), datadir=None if args.datadir is None else args.datadir.resolve(),
+    source = open_source(args.input.resolve(), datadir=None if args.stack_dir is None else args.stack_dir.resolve(),
                          pixel_size=args.pixel_size)
     limit = prep.get("crop_box") or source.box  # as train does: a preset box larger than the input is dropped
     if prep.get("target_box") and prep["target_box"] >= limit:

@@ -25,17 +25,21 @@ from pathlib import Path
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from particle_vae.cli import add_stack_dir_option
+
     parser.add_argument("run", type=Path, help="run directory written by particle-vae train")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output STAR file (a .npz is written beside it)")
     parser.add_argument("--particles", type=Path, help="particles to process (default: the training input)")
-    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
-    parser.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
-    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default best)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_stack_dir_option(parser)
+    parser.add_argument("--pixel-size", type=float, metavar="A",
+                        help="input pixel size, Angstrom (default: the STAR's, else the stack header's)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                        help="best: at the best validation ELBO; last: at the last finished epoch")
+    parser.add_argument("--batch-size", type=int, default=256, help="particles per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, 0: read in the main process")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="fp32 (default) or bf16 autocast: 2-3x faster on GPUs and CPUs with bf16 instructions, "
+                        help="fp32, or bf16 autocast: 2-3x faster on GPUs and CPUs with bf16 instructions, "
                              "latents to about 3 significant digits")
     parser.add_argument("--no-center", action="store_true",
                         help="write the model's own origins (relative to its drawing at pose zero, which may sit a few pixels "
@@ -43,19 +47,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     refine = parser.add_argument_group("pose refinement (on by default; see docs/training.md)")
     refine.add_argument("--no-refine", action="store_true",
                         help="write the model's own poses instead of refining them by likelihood search against class references")
-    refine.add_argument("--refine-iterations", type=int, default=12, help="expectation-maximisation iterations (default 12)")
+    refine.add_argument("--refine-iterations", type=int, default=12, help="expectation-maximisation iterations")
     refine.add_argument("--refine-classes", type=int, default=20,
-                        help="class references, seeded by k-means of the latents (default 20, at most one per 20 particles; more for many distinct views)")
+                        help="class references, seeded by k-means of the latents (at most one per 20 particles; more for many distinct views)")
     refine.add_argument("--refine-angle-step", type=float, default=5.0,
-                        help="degrees between searched angles (default 5; each pose is then refined below the step)")
+                        help="degrees between searched angles (each pose is then refined below the step)")
     refine.add_argument("--refine-max-shift", type=int, help="largest particle shift searched, pixels of the refined images "
-                                                               "(default an eighth of the box, at most 6)")
+                                                               "(default: an eighth of the box, at most 6)")
     refine.add_argument("--refine-box", type=int, default=128,
-                        help="refine on particles Fourier-cropped to at most this box, pixels (default 128)")
+                        help="refine on particles Fourier-cropped to at most this box, pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the input)")
-    from particle_vae.engine.distributed import add_launch_args
+    from particle_vae.cli import add_launch_options
 
-    add_launch_args(parser, "inference sharded")
+    add_launch_options(parser, "inference sharded")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("particle_vae").setLevel(logging.WARNING)
     try:
         infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                  device=args.device, num_workers=args.workers, datadir=args.datadir, pixel_size=args.pixel_size,
+                  device=args.device, num_workers=args.workers, datadir=args.stack_dir, pixel_size=args.pixel_size,
                   overwrite=args.overwrite, context=context, bf16=args.precision == "bf16",
                   center=not args.no_center, refine=refine, refine_classes=args.refine_classes, refine_box=args.refine_box)
     finally:

@@ -22,10 +22,13 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    from particle_vae.cli import add_stack_dir_option
+
     parser.add_argument("path", type=Path, help="particle .star, .mrcs/.mrc stack, or .txt list of stacks")
-    parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks named in the STAR (RELION project folder)")
-    parser.add_argument("--pixel-size", type=float, default=None, help="override the pixel size (Angstrom)")
-    parser.add_argument("--sample", type=int, default=64, help="images read to report pixel statistics (default 64; 0 to skip)")
+    add_stack_dir_option(parser)
+    parser.add_argument("--pixel-size", type=float, default=None, metavar="A",
+                        help="pixel size, Angstrom (default: the STAR's, else the stack header's)")
+    parser.add_argument("--sample", type=int, default=64, help="images read to report pixel statistics (0 to skip)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
 
@@ -51,12 +54,17 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
     if star is not None:
         summary["star_format"] = "RELION 3.1+" if star.is_relion31 else "RELION 3.0"
         summary["blocks"] = list(star.star.blocks)
-        summary["optics_groups"] = 0 if star.optics is None else len(star.optics)
+        summary["particles_block"] = star.particles_block
+        summary["optics_block"] = star.optics_block
+        summary["optics_groups"] = None if star.optics is None else len(star.optics)  # None: RELION 3.0, no optics block
         columns = list(star.particles.columns)
         summary["columns"] = columns
         summary["pose_columns"] = [c for c in POSE_COLUMNS if c in columns]
         summary["latent_columns"] = [c for c in columns if c.startswith("pvaeZ")]
         summary["truth_columns"] = [c for c in columns if c.startswith("pvaeTrue")]
+        npz_status = _infer_npz_status(Path(source.path))
+        if npz_status is not None:
+            summary["infer_npz"] = npz_status
         try:
             ctf = star.ctf_parameters()
         except ParticleVAEError as missing:
@@ -83,6 +91,33 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
     return summary
 
 
+def _infer_npz_status(star_path: Path) -> str | None:
+    """The ``.npz`` that ``infer`` wrote beside ``star_path``, or what is wrong with it; ``None`` when not an infer output."""
+    from particle_vae.io.infer_pair import npz_path_for, pair_problem, star_pair_id
+
+    problem = pair_problem(star_path)
+    if problem is not None:
+        return problem[1]
+    return f"{npz_path_for(star_path).name} (the same infer run)" if star_pair_id(star_path) is not None else None
+
+
+def _blocks_text(summary: dict) -> str:
+    """The STAR's data blocks by their names as written (``data_`` for an unnamed one) and what each holds."""
+    described = []
+    for name in summary["blocks"]:
+        if name == summary.get("particles_block"):
+            role = f"{summary['particles']} particles"
+        elif name == summary.get("optics_block"):
+            role = f"{summary['optics_groups']} optics group{'s' if summary['optics_groups'] != 1 else ''}"
+        else:
+            role = "not used"
+        described.append(f"data_{name} ({role})")
+    text = ", ".join(described)
+    if summary.get("optics_block") is None:
+        text += "; no optics block (RELION 3.0 layout: optics values such as voltage and Cs are in each particle row)"
+    return text
+
+
 def format_summary(summary: dict) -> str:
     """Human-readable multi-line text for :func:`summarize`'s result."""
     apix = summary["pixel_size_angst"]
@@ -98,7 +133,7 @@ def format_summary(summary: dict) -> str:
         f"  pixel size      {apix_text}",
     ]
     if "blocks" in summary:
-        lines.append(f"  blocks          {', '.join(summary['blocks'])}; {summary['optics_groups']} optics group(s)")
+        lines.append(f"  blocks          {_blocks_text(summary)}")
         ctf = summary["ctf"]
         if isinstance(ctf, dict):
             lines.append(
@@ -111,6 +146,8 @@ def format_summary(summary: dict) -> str:
         for label, key in (("pose columns", "pose_columns"), ("latent columns", "latent_columns"), ("ground truth", "truth_columns")):
             lines.append(f"  {label:<15} {', '.join(summary[key]) if summary[key] else 'none'}")
         lines.append(f"  all columns     {len(summary['columns'])}")
+        if "infer_npz" in summary:
+            lines.append(f"  infer .npz      {summary['infer_npz']}")
     if "pixel_stats" in summary:
         stats = summary["pixel_stats"]
         lines.append(f"  pixels          mean {stats['mean']:.4g}, std {stats['std']:.4g}, range {stats['min']:.4g}..{stats['max']:.4g} "
@@ -119,6 +156,6 @@ def format_summary(summary: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = summarize(args.path, datadir=args.datadir, pixel_size=args.pixel_size, sample=args.sample)
+    summary = summarize(args.path, datadir=args.stack_dir, pixel_size=args.pixel_size, sample=args.sample)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -28,17 +28,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark set to write")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--mnist-dir", type=Path, metavar="DIR", help="folder holding the MNIST IDX files (.gz or raw)")
+    source.add_argument("--mnist-dir", type=Path, metavar="DIR", help="folder holding the MNIST IDX files, .gz or raw (default: DATA/mnist of --data-dir)")
     source.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="reference-data folder with an mnist/ subfolder (default $PARTICLE_VAE_DATA)")
-    parser.add_argument("--split", choices=["train", "test", "both"], default="both", help="MNIST split(s) to transform (default both)")
+                        help="reference-data folder with an mnist/ subfolder (default: $PARTICLE_VAE_DATA)")
+    parser.add_argument("--split", choices=["train", "test", "both"], default="both", help="MNIST split(s) to transform")
     parser.add_argument("--n", type=int, default=None, metavar="N",
-                        help="keep only the first N digits of each split (default all: 60000 / 10000)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0); train and test use separate streams")
+                        help="keep only the first N digits of each split (default: all, 60000 / 10000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; train and test use separate streams")
     parser.add_argument("--pixel-size", type=float, default=1.0, metavar="A",
-                        help="Angstrom per pixel written to the MRC header and STAR (default 1.0)")
+                        help="Angstrom per pixel written to the MRC header and STAR")
     parser.add_argument("--name", default=None, metavar="STEM",
-                        help="file name stem (default the kind, e.g. mnist_n); files are STEM_SPLIT.*")
+                        help="file name stem; files are STEM_SPLIT.* (default: the kind, e.g. mnist_n)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 

@@ -21,15 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples above as laid out
+    from particle_vae.cli import add_stack_dir_option
+
     parser.add_argument("star", type=Path, help="particle STAR (e.g. clustered_particles.star from particle-vae analyze)")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output STAR file")
-    parser.add_argument("--classes", type=int, nargs="+", metavar="N", help="keep these class numbers (rlnClassNumber)")
-    parser.add_argument("--class-column", default="rlnClassNumber", help="column holding the class numbers (default rlnClassNumber)")
+    parser.add_argument("--classes", type=int, nargs="+", metavar="N", help="keep these class numbers (of --class-column) (default: all classes)")
+    parser.add_argument("--class-column", default="rlnClassNumber", help="column holding the class numbers")
     parser.add_argument("--box", type=float, nargs=4, metavar=("Z1MIN", "Z1MAX", "Z2MIN", "Z2MAX"),
-                        help="keep particles inside this range of the two --columns (inclusive)")
-    parser.add_argument("--columns", nargs=2, metavar=("COL1", "COL2"), help="columns of --box (default pvaeZ1 pvaeZ2)")
-    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR (to keep rlnImageName valid)")
+                        help="keep particles inside this range of the two --columns (inclusive) (default: no range)")
+    parser.add_argument("--columns", nargs=2, metavar=("COL1", "COL2"), help="columns of --box (default: pvaeZ1 pvaeZ2)")
+    add_stack_dir_option(parser, "folder holding the particle stacks that the STAR's rlnImageName names, to keep the names "
+                                 "valid beside the output (default: paths relative to the STAR's folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
 
 
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         raise ParticleVAEError(f"{args.star}: no particle matches the selection; widen --box or choose other --classes")
     from particle_vae.engine.inference import relocated_names_for_star
 
-    names = relocated_names_for_star(args.star, out.parent, args.datadir)
+    names = relocated_names_for_star(args.star, out.parent, args.stack_dir)
     if names:
         star = star.with_columns(names)
     subset = star.subset(keep)

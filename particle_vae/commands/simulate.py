@@ -35,32 +35,32 @@ def _snr(text: str) -> float:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the ``simulate`` options on ``parser``."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="t20s", help="simulation preset (default t20s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="t20s", help="simulation preset")
     parser.add_argument("--n", type=int, required=True, help="number of particles")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--snr", type=_snr, default=0.1,
-                        help="signal-to-noise ratio: variance of the noise-free image over the box / noise variance "
-                             "(default 0.1; inf = no noise)")
+                        help="signal-to-noise ratio: variance of the noise-free image over the box / noise variance; "
+                             "inf = no noise")
     parser.add_argument("--snr-mode", choices=SNR_MODES, default="dataset",
-                        help="one noise level for the whole dataset (default) or per particle")
-    parser.add_argument("--box", type=int, help="simulation box in pixels (overriding it turns the preset's downsampling off)")
-    parser.add_argument("--pixel-size", type=float, help="Angstrom per pixel of the simulation box")
-    parser.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box (pixels)")
-    parser.add_argument("--resolution", type=float, help="Angstrom; blur of PDB models (default 2 x pixel size)")
-    parser.add_argument("--structure", nargs="+", metavar="PATH", help="PDB model(s) or MRC map(s), one class each (replaces the preset's)")
-    parser.add_argument("--class-weights", type=float, nargs="+", metavar="W", help="relative class frequencies (default equal)")
-    parser.add_argument("--defocus-star", metavar="PATH", help="STAR file whose rlnDefocusU/V/Angle rows are sampled")
-    parser.add_argument("--views", choices=VIEWS, default="uniform", help="orientations: uniform on SO(3) (default), top, side or top-side")
-    parser.add_argument("--max-shift", type=float, help="largest particle displacement in output pixels (preset default)")
+                        help="one noise level for the whole dataset or per particle")
+    parser.add_argument("--box", type=int, help="simulation box in pixels; overriding it turns the preset's downsampling off (default: the preset's)")
+    parser.add_argument("--pixel-size", type=float, help="Angstrom per pixel of the simulation box (default: the preset's)")
+    parser.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels (default: the preset's)")
+    parser.add_argument("--resolution", type=float, help="blur of PDB models, Angstrom (default: 2 x pixel size)")
+    parser.add_argument("--structure", nargs="+", metavar="PATH", help="PDB model(s) or MRC map(s), one class each, replacing the preset's (default: the preset's)")
+    parser.add_argument("--class-weights", type=float, nargs="+", metavar="W", help="relative class frequencies (default: equal)")
+    parser.add_argument("--defocus-star", metavar="PATH", help="STAR file whose rlnDefocusU/V/Angle rows are sampled (default: the preset's)")
+    parser.add_argument("--views", choices=VIEWS, default="uniform", help="orientations: uniform on SO(3), top, side or top-side")
+    parser.add_argument("--max-shift", type=float, help="largest particle displacement in output pixels (default: the preset's)")
     parser.add_argument("--shift-distribution", choices=SHIFT_DISTRIBUTIONS, default="uniform",
-                        help="uniform in [-max, max] per axis (default) or Gaussian with sd max/2 truncated at max")
+                        help="uniform in [-max, max] per axis or Gaussian with sd max/2 truncated at max")
     parser.add_argument("--no-ctf", action="store_true", help="do not apply a CTF")
-    parser.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope in A^2 (default 0)")
-    parser.add_argument("--phase-shift", type=float, default=0.0, help="phase-plate phase shift in degrees (default 0)")
+    parser.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope in A^2")
+    parser.add_argument("--phase-shift", type=float, default=0.0, help="phase-plate phase shift in degrees")
     parser.add_argument("--write-clean", action="store_true", help="also write clean.mrcs (noise-free) and centred.mrcs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="particles rendered at once (default 64; results do not depend on it)")
-    parser.add_argument("--data-dir", help="reference-data folder holding structures/ and cryoem/ (default $PARTICLE_VAE_DATA)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--batch-size", type=int, default=64, help="particles rendered at once; results do not depend on it")
+    parser.add_argument("--data-dir", help="reference-data folder holding structures/ and cryoem/ (default: $PARTICLE_VAE_DATA)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -77,94 +77,176 @@ def check_options(args: argparse.Namespace) -> None:
 
 def add_input_options(parser) -> None:
     """Options that locate and preprocess the particles (shared with ``particle-vae cache``)."""
-    parser.add_argument("--datadir", type=Path, help="folder holding the stacks named in the STAR")
-    parser.add_argument("--pixel-size", type=float, help="override the input pixel size, Angstrom")
-    parser.add_argument("--downsample-to", type=int, help="Fourier-crop the particles to this box, pixels")
-    parser.add_argument("--crop-to", type=int, help="centre-crop the particles to this box first, pixels")
-    parser.add_argument("--invert", action="store_true", default=None, help="invert contrast")
-    parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"])
-    parser.add_argument("--mask-radius", type=float, help="circular mask after normalisation, pixels")
+    from particle_vae.cli import add_stack_dir_option
+
+    add_stack_dir_option(parser)
+    parser.add_argument("--pixel-size", type=float, metavar="A",
+                        help="input pixel size, Angstrom (default: the STAR's, else the stack header's)")
+    parser.add_argument("--downsample-to", type=int, metavar="PX",
+                        help=f"Fourier-crop the particles to this box, pixels {_preset_default('preprocessing', 'target_box', 'no crop')}")
+    parser.add_argument("--crop-to", type=int, metavar="PX", help="centre-crop the particles to this box first, pixels (default: no crop)")
+    parser.add_argument("--invert", action="store_true", default=None, help="invert contrast (multiply by -1)")
+    parser.add_argument("--normalize", choices=["background", "zscore", "minmax", "none"],
+                        help="per-image normalisation: background = mean 0, std 1 of the pixels outside 85%% of the half box "
+                             "(default: background)")
+    parser.add_argument("--mask-radius", type=float, metavar="PX", help="circular mask after normalisation, pixels (default: none)")
+
+
+def _preset_default(section: str, name: str, base) -> str:
+    """``(default: BASE; presets: NAME VALUE, ...)`` for a setting that presets may change."""
+    set_by = [f"{preset} {_shown(values[section][name])}" for preset, values in sorted(PRESETS.items())
+              if name in values.get(section, {})]
+    return f"(default: {_shown(base)}" + (f"; presets: {', '.join(set_by)})" if set_by else ")")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _train_default(name: str) -> str:
+    """The ``(default: ...)`` text of a :class:`TrainSettings` field (and the presets that change it)."""
+    from particle_vae.engine.trainer import TrainSettings
+
+    base = next(f.default for f in fields(TrainSettings) if f.name == name)
+    return _preset_default("train", name, base)
+
+
+def _model_default(name: str, base_text: str | None = None) -> str:
+    """The ``(default: ...)`` text of a model setting: each model's own default (from its
+    config class; ``CLI_ALIASES`` map a model's field to the common name) and the presets."""
+    from dataclasses import MISSING
+
+    from particle_vae.models import MODELS
+
+    by_value: dict[str, list[str]] = {}
+    for model_name, entry in MODELS.items():
+        config_class = entry.config_class
+        own_name = {common: own for own, common in getattr(config_class, "CLI_ALIASES", {}).items()}.get(name, name)
+        for config_field in fields(config_class):
+            if config_field.name == own_name and config_field.default is not MISSING:
+                by_value.setdefault(_shown(config_field.default), []).append(model_name)
+    if base_text is None:
+        if len(by_value) == 1 and len(next(iter(by_value.values()))) == len(MODELS):
+            base_text = next(iter(by_value))
+        else:
+            base_text = "; ".join(f"{value} for {', '.join(models)}" for value, models in by_value.items())
+    text = _preset_default("model", name, None)
+    return text.replace("(default: none", f"(default: {base_text}", 1)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
-    parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings (printed); options below override them")
+    parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles (default: none)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="named settings, logged at the start; the options below override them (default: none, "
+                             "the models' own defaults)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
     from particle_vae.models import MODELS
 
-    model = parser.add_argument_group("model (options a model does not have are ignored)")
-    model.add_argument("--model", default="target-vae", choices=sorted(MODELS), help="default target-vae")
-    model.add_argument("--beta", type=float, help="KL weight of the (beta-)VAE baseline (beta-VAE: 4)")
-    model.add_argument("--group", type=int, help="rotation group order r of P_r (4, 8, 16; default 8)")
-    model.add_argument("--zdim", type=int, help="semantic latent dimensions (default 2)")
-    model.add_argument("--fields", type=int, help="encoder hidden fields (paper: 128)")
-    model.add_argument("--kernel", type=int, help="encoder kernel, pixels (paper MNIST: 28)")
-    model.add_argument("--padding", type=int, help="encoder padding, pixels (paper MNIST: 8)")
+    model = parser.add_argument_group("model (an option overrides the preset, the preset the model's default; options a "
+                                      "model does not have are ignored)")
+    model.add_argument("--model", default="target-vae", choices=sorted(MODELS), help="which model to train")
+    model.add_argument("--beta", type=float, help=f"KL weight of the (beta-)VAE baseline {_model_default('beta')}")
+    model.add_argument("--group", type=int,
+                       help=f"rotation group order r of P_r (4, 8, 16); MCE-VAE: rotations of the invariance term "
+                            f"{_model_default('group_order')}")
+    model.add_argument("--zdim", type=int, help=f"semantic latent dimensions {_model_default('zdim')}")
+    model.add_argument("--fields", type=int, help=f"encoder hidden fields {_model_default('n_fields')}")
+    model.add_argument("--kernel", type=int,
+                       help=f"encoder kernel, pixels; none: about half the box, odd {_model_default('kernel')}")
+    model.add_argument("--padding", type=int, help=f"encoder padding, pixels {_model_default('padding')}")
     model.add_argument("--mixing", choices=["full", "shared"],
-                       help="TARGET-VAE encoder 1x1 layers: shared across rotation channels (the authors'; mnist/particles presets) "
-                            "or full e2cnn regular-to-regular kernels (8x the cost at P8; default of other settings)")
+                       help="TARGET-VAE encoder 1x1 layers: shared across rotation channels (the authors') or full e2cnn "
+                            f"regular-to-regular kernels (8x the cost at P8) {_model_default('mixing')}")
     model.add_argument("--encoder", choices=["group", "plain", "mlp", "conv"],
-                       help="TARGET-VAE: group (default) or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp (default) or conv")
-    model.add_argument("--enc-hidden", type=int, help="spatial-VAE: inference MLP width")
-    model.add_argument("--enc-layers", type=int, help="spatial-VAE: inference MLP layers")
-    model.add_argument("--enc-channels", type=int, help="spatial-VAE / MCE-VAE: first conv layer channels")
-    model.add_argument("--clusters", type=int, help="MCE-VAE: mixture components of the cluster latent (default 10)")
-    model.add_argument("--cluster-dim", type=int, help="MCE-VAE: cluster latent dimensions (default 5)")
-    model.add_argument("--lie-group", choices=["so2", "se2"], help="MCE-VAE: transformation group (default se2)")
-    model.add_argument("--invariance-weight", type=float, help="MCE-VAE: weight of the invariance term (default 1)")
-    model.add_argument("--invariance-translation", type=float, help="MCE-VAE: largest shift of the sampled group elements, pixels")
-    model.add_argument("--rotation", choices=["full", "discrete", "none"], help="ablation: discrete = no theta offsets; none = no rotation inference")
-    model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None, help="no continuous translation offset inside a cell")
-    model.add_argument("--translation-prior-std", type=float, help="std of p(t) around the centre, pixels")
-    model.add_argument("--theta-prior", choices=["uniform", "normal"])
-    model.add_argument("--theta-prior-std-deg", type=float, help="std of the normal theta prior, degrees (default 45)")
-    model.add_argument("--likelihood", choices=["bernoulli", "gaussian"])
-    model.add_argument("--sigma", type=float, help="fixed noise std of the Gaussian likelihood (default: learned)")
-    model.add_argument("--gen-hidden", type=int, help="generator width (paper: 512)")
-    model.add_argument("--gen-layers", type=int, help="generator hidden layers (paper: 2 MNIST, 6 particles)")
-    model.add_argument("--fourier-features", type=int, help="random Fourier frequencies of the generator")
-    model.add_argument("--fourier-bandwidth", type=float, help="std of the Fourier frequencies, cycles per pixel")
-    model.add_argument("--gumbel-temperature", type=float)
-    model.add_argument("--likelihood-mask", type=float, help="only score pixels within this radius (pixels of the model box)")
+                       help="TARGET-VAE: group or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp "
+                            f"or conv {_model_default('encoder')}")
+    model.add_argument("--enc-hidden", type=int, help=f"spatial-VAE / MCE-VAE: inference MLP width {_model_default('enc_hidden')}")
+    model.add_argument("--enc-layers", type=int, help=f"spatial-VAE / MCE-VAE: inference layers {_model_default('enc_layers')}")
+    model.add_argument("--enc-channels", type=int,
+                       help=f"spatial-VAE / MCE-VAE: first conv layer channels {_model_default('enc_channels')}")
+    model.add_argument("--clusters", type=int, help=f"MCE-VAE: mixture components of the cluster latent {_model_default('n_clusters')}")
+    model.add_argument("--cluster-dim", type=int,
+                       help=f"MCE-VAE: cluster latent dimensions; EquiVAE: class embedding size {_model_default('cluster_dim')}")
+    model.add_argument("--lie-group", choices=["so2", "se2"], help=f"MCE-VAE: transformation group {_model_default('group')}")
+    model.add_argument("--invariance-weight", type=float,
+                       help=f"MCE-VAE: weight of the invariance term {_model_default('invariance_weight')}")
+    model.add_argument("--invariance-translation", type=float,
+                       help=f"MCE-VAE: largest shift of the sampled group elements, pixels {_model_default('invariance_translation')}")
+    model.add_argument("--rotation", choices=["full", "discrete", "none"],
+                       help=f"TARGET-VAE ablation: discrete = no theta offsets; none = no rotation inference {_model_default('rotation')}")
+    model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None,
+                       help="TARGET-VAE: no continuous translation offset inside a cell")
+    model.add_argument("--translation-prior-std", type=float,
+                       help=f"std of p(t) around the centre, pixels {_model_default('translation_prior_std')}")
+    model.add_argument("--theta-prior", choices=["uniform", "normal"],
+                       help=f"prior of the in-plane rotation {_model_default('theta_prior')}; benchmarks: normal for mnist-n, "
+                            "uniform otherwise")
+    model.add_argument("--theta-prior-std-deg", type=float, help="std of the normal theta prior, degrees (default: 45)")
+    model.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
+                       help=f"pixel likelihood {_model_default('likelihood')}; benchmarks: bernoulli")
+    model.add_argument("--sigma", type=float,
+                       help=f"fixed noise std of the Gaussian likelihood, data units {_model_default('gaussian_sigma', 'learned')}")
+    model.add_argument("--gen-hidden", type=int, help=f"generator width {_model_default('gen_hidden')}")
+    model.add_argument("--gen-layers", type=int, help=f"generator hidden layers {_model_default('gen_layers')}")
+    model.add_argument("--fourier-features", type=int, help=f"random Fourier frequencies of the generator {_model_default('n_fourier')}")
+    model.add_argument("--fourier-bandwidth", type=float,
+                       help=f"std of the Fourier frequencies, cycles per pixel {_model_default('fourier_bandwidth')}")
+    model.add_argument("--gumbel-temperature", type=float,
+                       help=f"TARGET-VAE: temperature of the Gumbel-softmax sample of the pose cell {_model_default('gumbel_temperature')}")
+    model.add_argument("--likelihood-mask", type=float,
+                       help=f"only score pixels within this radius, pixels of the model box {_model_default('mask_radius', 'all pixels')}")
     model.add_argument("--ctf", action="store_true", help="CTF-aware likelihood using the STAR's CTF columns (Gaussian likelihood)")
 
     data = parser.add_argument_group("data")
     add_input_options(data)
-    data.add_argument("--n", type=int, help="benchmarks: use the first N training images")
-    data.add_argument("--label-column", help="semi-supervised models (equivae): STAR column with class labels, e.g. rlnClassNumber; empty = unlabelled")
-    data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images")
-    data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files")
-    data.add_argument("--data-dir", type=Path, help="reference-data folder (holds mnist/); or set PARTICLE_VAE_DATA")
+    data.add_argument("--n", type=int, help="benchmarks: use the first N training images (default: all)")
+    data.add_argument("--label-column",
+                      help="semi-supervised models (equivae): STAR column with class labels, e.g. rlnClassNumber (default: "
+                           "none, unlabelled)")
+    data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images (default: none)")
+    data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files (default: DATA/mnist)")
+    data.add_argument("--data-dir", type=Path,
+                      help="reference-data folder DATA (holds mnist/; not the particle stacks, see --stack-dir) "
+                           "(default: $PARTICLE_VAE_DATA)")
     data.add_argument("--cache", type=Path, help="write the preprocessed particles once to this contiguous stack "
-                      "(e.g. particles_cache.mrcs, plus a .json) and train from it; reused while input and preprocessing match")
-    data.add_argument("--cache-dtype", choices=["float16", "float32"], help="values of the --cache file (default float16)")
+                      "(e.g. particles_cache.mrcs, plus a .json) and train from it; reused while input and preprocessing match "
+                      "(default: no cache, read the stacks)")
+    data.add_argument("--cache-dtype", choices=["float16", "float32"], help="values of the --cache file (default: float16)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--val-fraction", type=float, help="held-out share of the training data (default 0.1)")
-    train.add_argument("--lr-patience", type=int, help="epochs without improvement before halving the learning rate")
-    train.add_argument("--early-stop-patience", type=int, help="epochs without improvement before stopping (0: never)")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--workers", dest="num_workers", type=int, help="DataLoader worker processes")
-    train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    train.add_argument("--epochs", type=int, help=f"most epochs (passes over the training images) {_train_default('epochs')}")
+    train.add_argument("--batch-size", type=int,
+                       help=f"images per optimiser step, all processes together {_train_default('batch_size')}")
+    train.add_argument("--lr", type=float, help=f"Adam learning rate {_train_default('lr')}")
+    train.add_argument("--val-fraction", type=float, help=f"held-out share of the training data {_train_default('val_fraction')}")
+    train.add_argument("--lr-patience", type=int,
+                       help=f"epochs without validation improvement before halving the learning rate {_train_default('lr_patience')}")
+    train.add_argument("--early-stop-patience", type=int,
+                       help=f"epochs without improvement before stopping, 0: never {_train_default('early_stop_patience')}")
+    train.add_argument("--seed", type=int,
+                       help=f"seeds the validation split, data order, initialisation and sampling {_train_default('seed')}")
+    train.add_argument("--workers", dest="num_workers", type=int,
+                       help=f"DataLoader worker processes, 0: read in the main process {_train_default('num_workers')}")
+    train.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {_train_default('device')}")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                       help="auto (default): bf16 autocast on CUDA, float32 on CPU; bf16: also on CPU (fast on CPUs with "
-                            "AVX512-BF16/AMX); fp32: never")
+                       help="auto: bf16 autocast on CUDA, float32 on CPU; bf16: also on CPU (fast on CPUs with "
+                            f"AVX512-BF16/AMX); fp32: never {_train_default('precision')}")
     train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="same as --precision fp32")
-    train.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (also inside an epoch; --resume continues)")
+    train.add_argument("--max-steps", type=int,
+                       help="stop after this many optimiser steps (also inside an epoch; --resume continues) (default: no limit)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training step (for CUDA; on the CPU it needs a C++ compiler and minutes to compile); "
                             "if compilation fails, training continues without it")
 
-    from particle_vae.engine.distributed import add_launch_args
+    from particle_vae.cli import add_launch_options
 
-    add_launch_args(parser, "data-parallel training")
+    add_launch_options(parser, "data-parallel training")
 
 
 def _data_spec(args, preset: dict) -> dict:
@@ -184,7 +266,7 @@ def _data_spec(args, preset: dict) -> dict:
         if value is not None:
             prep[name] = value
     spec = {"kind": "particles", "path": str(args.input.resolve()),
-            "datadir": None if args.datadir is None else str(args.datadir.resolve()),
+            "datadir": None if args.stack_dir is None else str(args.stack_dir.resolve()),
             "pixel_size": args.pixel_size, "preprocessing": prep, "label_column": args.label_column}
     if args.cache is not None:
         spec["cache"] = {"path": str(args.cache.expanduser().resolve()), "dtype": args.cache_dtype or "float16"}

@@ -186,9 +186,10 @@ def _common_box(stacks: Sequence[MRCStack], context: Path) -> int:
     if len(boxes) > 1:
         reference = next(s for s in stacks if s.box == box)
         odd = next(s for s in stacks if s.box != box)
+        others = boxes[box] - 1
+        holders = f"{context.name}'s stack {reference.path} " + ("holds" if others == 0 else f"and {others} other(s) hold")
         raise InputFileError(
-            f"images are {odd.box}x{odd.box} px but {reference.path} (and {boxes[box] - 1} other stack(s) "
-            f"of {context.name}) hold {box}x{box} px images",
+            f"images are {odd.box}x{odd.box} px but {holders} {box}x{box} px images",
             odd.path,
             "all particles must share one box size: re-extract with one box or train on the stacks separately",
         )
@@ -205,7 +206,7 @@ def open_source(
     Args:
         path: ``.star``, ``.mrcs``/``.mrc``/``.st``, or ``.txt`` (one stack path per line).
         datadir: folder to look for the stacks named in a STAR's ``rlnImageName``
-            (RELION's ``--datadir``); ignored for stacks and lists.
+            (the command line's ``--stack-dir``); ignored for stacks and lists.
         pixel_size: Angstrom per pixel; overrides the STAR and the MRC header.
     Returns:
         A :class:`ParticleSource` whose particles are in input order (STAR rows,
@@ -281,7 +282,7 @@ def _check_star_against_stacks(star: ParticleStar, stacks: Sequence[MRCStack], s
             f"particle {row} (rlnImageName {name}) asks for image {int(image_index[row]) + 1} but {stack.path} holds "
             f"{stack.n_images} images ({beyond.size} such particle(s))",
             star.path,
-            "the STAR does not match its stacks: re-extract, or point --datadir at the right stacks",
+            "the STAR does not match its stacks: re-extract, or point --stack-dir at the right stacks",
         )
     sizes = star.column("rlnImageSize")
     if sizes is not None:

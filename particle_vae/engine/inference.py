@@ -22,6 +22,10 @@ Under torchrun (several processes, see :mod:`particle_vae.engine.distributed`)
 every rank reads out one contiguous share of the particles; rank 0 gathers the
 shares in rank order, which is input order, and alone writes the STAR and the
 ``.npz``.
+
+The STAR and the ``.npz`` are written as a pair (:mod:`particle_vae.io.infer_pair`):
+a kill leaves the old pair or the new one, or, between the two renames, the old
+STAR beside the new ``.npz``, which readers recognise and report.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
-from particle_vae.io.atomic import atomic_path, check_output_path
+from particle_vae.io.atomic import check_output_path
+from particle_vae.io.infer_pair import write_pair
 from particle_vae.io.star import ParticleStar, image_name, make_particle_star
 from particle_vae.models import PoseVAE, build_model
 from particle_vae.models.base import load_learnable_state
@@ -413,14 +418,11 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references,
                               "refine_pixel_size": refined_apix, "refine_psi_std_deg": refined.psi_std_deg}
         star = output_star(prepared, columns, out_path)
-        star.write(out_path, overwrite=True)
         extra_arrays = {} if centres is None else {"centre_px": centres}
-        with atomic_path(npz_path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std,
-                         pixel_size=model_apix, **{f"extra_{k}": v for k, v in result.extra.items()}, **extra_arrays,
-                         **refined_arrays,
-                         **{k: v for k, v in columns.items() if k.startswith("rln")})
+        arrays = dict(theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std, pixel_size=model_apix,
+                      **{f"extra_{k}": v for k, v in result.extra.items()}, **extra_arrays, **refined_arrays,
+                      **{k: v for k, v in columns.items() if k.startswith("rln")})
+        write_pair(star.star, out_path, arrays, npz_path)  # the .npz, then the STAR: never a STAR beside an older .npz
         log.info("wrote %s (%d particles%s) and %s", out_path, len(result.theta),
                  f", read out by {context.world_size} processes" if context.distributed else "", npz_path)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from particle_vae.errors import OutputFileError, ParticleVAEError
-from particle_vae.io.atomic import atomic_path, atomic_write_text, folder_problem
+from particle_vae.io.atomic import atomic_path, atomic_write_text, folder_problem, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ class RunDirectory:
         if overwrite:
             for stale in (self.metrics_path, self.last_checkpoint, self.best_checkpoint):
                 stale.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporaries (``.last.pt.<pid>.tmp`` and the like) that a killed run left
+        beside the config, metrics and checkpoints; a live writer's are kept.
+
+        Returns:
+            The files removed.
+        """
+        removed = []
+        for path in (self.config_path, self.metrics_path, self.last_checkpoint, self.best_checkpoint):
+            removed += remove_stale_temporaries(path)
+        return removed
 
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=False) + "\n")

@@ -161,6 +161,8 @@ class Trainer:
         self.model, self.dataset, self.settings, self.run = model, dataset, settings, run
         self.ctf_for = ctf_for
         self.context = context = context or SINGLE
+        if context.is_main:
+            run.remove_stale_temporaries()  # left by a run killed while writing a checkpoint
         world = context.world_size
         if settings.batch_size % world:
             raise ParticleVAEError(f"--batch-size {settings.batch_size} (the global batch) is not divisible by the {world} "

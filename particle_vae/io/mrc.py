@@ -55,7 +55,7 @@ def read_header(path: str | Path) -> tuple[np.record, str]:
     """
     path = Path(path)
     if not path.exists():
-        raise InputFileError("file not found", path, "check the path (or --datadir for files named in a STAR)")
+        raise InputFileError("file not found", path, "check the path (or --stack-dir for files named in a STAR)")
     if path.is_dir():
         raise InputFileError("is a folder, not an MRC file", path)
     size = path.stat().st_size

@@ -4,7 +4,7 @@
   blocks (loops as ``pandas.DataFrame``, key-value blocks as ``dict``).
 * :class:`ParticleStar` adds the particle view: which block holds
   ``rlnImageName``, where each image lives (``N@stack`` resolved against the
-  STAR's folder or a ``--datadir``), pixel sizes and CTF parameters joined
+  STAR's folder or a ``--stack-dir``), pixel sizes and CTF parameters joined
   through ``rlnOpticsGroup``, new columns, and conversion to a RELION 3.1 file
   with an optics block.
 
@@ -500,11 +500,11 @@ class ParticleStar:
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        where = f"--datadir {datadir}" if datadir else f"{base}"
+        where = f"--stack-dir {datadir}" if datadir else f"{base}"
         raise InputFileError(
             f"stack '{name}' named in rlnImageName was not found (looked in {where})",
             self.path,
-            "pass --datadir with the folder that holds the stacks (the RELION project folder)",
+            "pass --stack-dir with the folder that holds the stacks (the RELION project folder)",
         )
 
     # -- editing and writing -----------------------------------------------
