@@ -6,7 +6,8 @@ explorer programmatically (a lasso around the largest cluster, the selection
 views, a reconstruction and a traversal between two cluster centres) and
 saves:
 
-* ``napari_overview.png``: the whole window (layers in grid mode + the widget);
+* ``napari_overview.png``: the whole window (the particle stack, the views
+  laid out beside it with their titles and cell labels, and the widget);
 * ``napari_widget.png``: the widget alone;
 * ``napari_200k.png``: the widget on 200,000 synthetic latent points (density
   view with a coloured subset on top, and a lasso selection).
@@ -109,7 +110,7 @@ def take_screenshots(out_dir: Path, run_folder: Path, size: tuple[int, int] = (1
         widget.traverse(steps=9)
         wait_until(lambda: widget.busy == 0)
         widget.show_particle(int(np.flatnonzero(widget.selected)[0]))
-        viewer.layers.selection.active = viewer.layers[f"{widget._base_name()} selection average"]
+        viewer.layers.selection.active = widget.view_layer("selection_average")
         viewer.reset_view()
         _settle(viewer)
         overview = out_dir / "napari_overview.png"

@@ -86,3 +86,42 @@ def sample_run(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return folder
+
+
+def write_synthetic_star(folder: Path, n: int, box: int = 16, stack_images: int = 100, pixel_size: float = 2.0,
+                         seed: int = 0) -> Path:
+    """A particle STAR of ``n`` rows written like ``particle-vae infer``'s output, over one small stack.
+
+    The stack ``particles.mrcs`` holds ``stack_images`` noise images ``(box, box)``
+    that the rows reuse in turn (row ``i`` shows image ``i % stack_images``), so
+    a STAR of hundreds of thousands of particles is written in about a second.
+    Columns: ``rlnAnglePsi``, ``rlnOriginX/YAngst``, ``pvaeZ1``, ``pvaeZ2`` (four
+    blobs centred on the class) and ``rlnClassNumber`` (1-4).
+
+    Returns:
+        The STAR path (``folder / "particles_vae.star"``).
+    """
+    import numpy as np
+
+    from particle_vae.io.mrc import StackWriter
+    from particle_vae.io.star import image_name, make_particle_star
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with StackWriter(folder / "particles.mrcs", box, pixel_size) as writer:
+        writer.write(rng.normal(size=(stack_images, box, box)).astype(np.float32))
+    classes = rng.integers(1, 5, n)
+    centres = np.array([[0.0, 0.0], [-2.0, -2.0], [2.0, -1.0], [0.0, 2.5], [3.0, 3.0]])
+    latents = centres[classes] + rng.normal(scale=0.6, size=(n, 2))
+    star = make_particle_star([image_name(i % stack_images, "particles.mrcs") for i in range(n)], pixel_size, box, columns={
+        "rlnAnglePsi": rng.uniform(-180, 180, n), "rlnOriginXAngst": rng.normal(size=n), "rlnOriginYAngst": rng.normal(size=n),
+        "pvaeZ1": latents[:, 0], "pvaeZ2": latents[:, 1], "rlnClassNumber": classes})
+    path = folder / "particles_vae.star"
+    star.write(path)
+    return path
+
+
+@pytest.fixture
+def synthetic_star():
+    """:func:`write_synthetic_star` (a factory: ``synthetic_star(folder, n, ...)`` -> STAR path)."""
+    return write_synthetic_star

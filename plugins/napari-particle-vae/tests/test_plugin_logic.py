@@ -14,7 +14,16 @@ import pytest
 import torch
 from napari_particle_vae import export, scatter
 from napari_particle_vae.run_data import LazyParticleStack, open_particle_run, resolve_inputs, star_columns
-from napari_particle_vae.views import ModelHandle, interpolate_latents, selection_views
+from napari_particle_vae.views import (
+    ModelHandle,
+    SelectionSample,
+    align,
+    cell_origins,
+    interpolate_latents,
+    montage,
+    montage_columns,
+    selection_views,
+)
 
 from particle_vae.conventions import apply_relion_pose
 from particle_vae.errors import InputFileError, OutputFileError, ParticleVAEError
@@ -44,6 +53,31 @@ def test_star_without_latents_is_a_one_line_error(sample_run: Path):
     message = str(info.value)
     assert "\n" not in message
     assert "particles.star" in message and "pvaeZ" in message and "particle-vae infer" in message
+
+
+#: STAR files the plugin cannot show: (file name, content, words the one-line reason must hold)
+BAD_STARS = [
+    ("empty.star", b"", "is empty"),
+    ("comments.star", b"# only a comment\n\n", "is empty"),
+    ("classes.star", b"data_model_classes\n\nloop_\n_rlnReferenceImage #1\n_rlnClassDistribution #2\n1@c.mrcs 0.5\n",
+     "is not a particle STAR"),
+    ("header_only.star", b"data_particles\n\nloop_\n_rlnImageName #1\n_pvaeZ1 #2\n_pvaeZ2 #3\n", "lists no particles"),
+    ("no_latents.star", b"data_particles\n\nloop_\n_rlnImageName #1\n_rlnAnglePsi #2\n1@p.mrcs 10.0\n", "no pvaeZ"),
+    ("compressed.star", b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "gzip"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), BAD_STARS, ids=[case[0] for case in BAD_STARS])
+def test_stars_that_cannot_be_shown_say_why_in_one_line(tmp_path: Path, name: str, content: bytes, reason: str):
+    """Empty, non-particle, row-less, latent-less or compressed STARs: one line naming the file, the reason and the fix."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputFileError) as info:
+        open_particle_run(path)
+    message = str(info.value)
+    assert "\n" not in message and name in message and reason in message, message
+    assert "particle-vae infer" in message or "decompress" in message, message  # what to do
+    assert path.read_bytes() == content
 
 
 def test_folder_without_a_run_is_an_error(tmp_path: Path):
@@ -141,6 +175,53 @@ def test_selection_views_limits_and_errors(sample_run: Path):
     assert progress[-1] == (35, 35)
     with pytest.raises(ParticleVAEError, match="nothing is selected"):
         selection_views(run, np.zeros(len(run), dtype=bool))
+
+
+def test_selection_sample_is_seeded_paged_and_capped(tmp_path: Path, synthetic_star):
+    """A large selection is read a page at a time in a fixed random order; the montages stop at their cap, the average does not."""
+    run = open_particle_run(synthetic_star(tmp_path, 3000, box=16))
+    selected = run.table["rlnClassNumber"].to_numpy() != 1
+    rows = np.flatnonzero(selected)
+    sample = SelectionSample(run, selected, seed=0, max_cells=100)
+    assert sample.n_selected == rows.size and sample.columns == 10 and sample.n_read == 0
+
+    first = sample.load(40)
+    expected = np.sort(np.random.default_rng(0).permutation(rows)[:40])
+    assert np.array_equal(first.rows, expected)  # the seeded random order, each page sorted by STAR row
+    assert not np.array_equal(first.rows, rows[:40])  # a random sample, not the first rows
+    assert np.array_equal(sample.rows, expected) and sample.raw.shape == (40, 16, 16)
+    assert np.allclose(sample.raw, run.read_images(expected))
+    assert np.allclose(sample.aligned, align(run, run.read_images(expected), expected), atol=1e-5)
+    assert np.allclose(sample.average, sample.aligned.mean(axis=0), atol=1e-5)
+
+    sample.load(40)  # cells keep their place: the second page goes after the first
+    assert sample.n_shown == 80 and np.array_equal(sample.rows[:40], expected)
+    assert np.array_equal(np.sort(sample.rows), np.sort(np.random.default_rng(0).permutation(rows)[:80]))
+    sample.load(500)  # past the cap: the montages stop at 100 cells, the average takes every particle read
+    assert sample.n_shown == 100 and sample.montage_full and sample.n_read == 580
+    assert np.array_equal(sample.averaged_rows, np.sort(np.random.default_rng(0).permutation(rows)[:580]))
+    every = sample.averaged_rows
+    assert np.allclose(sample.average, align(run, run.read_images(every), every).mean(axis=0), atol=1e-5)
+    sample.load(10 ** 6)
+    assert sample.remaining == 0 and sample.n_read == rows.size and sample.take(5).size == 0
+    # the same selection and seed give the same pages; another seed another sample
+    again = SelectionSample(run, selected, seed=0)
+    assert np.array_equal(again.take(40), expected)
+    assert not np.array_equal(SelectionSample(run, selected, seed=1).take(40), expected)
+    with pytest.raises(ParticleVAEError, match="nothing is selected"):
+        SelectionSample(run, np.zeros(len(run), dtype=bool))
+
+
+def test_montage_lays_cells_out_row_by_row():
+    images = np.arange(5 * 3 * 3, dtype=np.float32).reshape(5, 3, 3)
+    sheet = montage(images, columns=2, gap=1, fill=-1.0)
+    assert sheet.shape == (3 * 4 - 1, 2 * 4 - 1)
+    origins = cell_origins(5, 2, 3, gap=1)
+    assert origins.tolist() == [[0, 0], [0, 4], [4, 0], [4, 4], [8, 0]]
+    for image, (top, left) in zip(images, origins):
+        assert np.array_equal(sheet[top:top + 3, left:left + 3], image)
+    assert (sheet[:, 3] == -1).all() and (sheet[8:, 4:] == -1).all()  # gaps and the empty last cell
+    assert [montage_columns(n) for n in (1, 3, 10, 64, 200, 5000)] == [1, 3, 4, 8, 15, 16]
 
 
 # ----------------------------------------------------------------------------- generator

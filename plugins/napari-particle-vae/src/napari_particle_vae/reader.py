@@ -10,8 +10,15 @@ directory, or a folder holding one) gives two layers:
   docs/conventions.md) whose ``features`` are the whole particle table (every
   STAR column, latents included). The latent-space widget works on this layer.
 
-A STAR without latent columns, a missing stack or an unreadable file gives a
-one-line notification naming the file and the fix instead of a traceback.
+Every ``.star`` file is claimed, so that a STAR the plugin cannot show (an
+empty file, a class-average or model STAR without ``rlnImageName``, a particle
+block without rows, a STAR without latent columns, a compressed or non-UTF-8
+file) gets the plugin's own one-line error notification naming the file and
+the fix, instead of napari's generic "refused the file": npe2 treats a
+``get_reader`` that returns ``None`` as "not mine" and then reports only that
+no reader accepted the path, and an exception raised while reading is shown
+as a plugin failure with a stack trace. The reader function therefore reports
+the problem itself and returns napari's "read, but no layers" value.
 Missing stacks do not stop the table from opening (the latent space can still
 be explored; particle views need the stacks).
 """
@@ -34,28 +41,30 @@ from particle_vae.errors import ParticleVAEError
 
 #: key of layer.metadata holding the :class:`ParticleRun`
 METADATA_KEY = "particle_vae_run"
-#: key of layer.metadata saying which layer of a run this is ("particles" or "table")
+#: key of layer.metadata saying which layer of a run this is ("particles", "table", or a view of the widget)
 ROLE_KEY = "particle_vae_role"
+#: label of the particle axis (the slider): the particle's 0-based row in the STAR
+PARTICLE_AXIS_LABEL = "particle (STAR row)"
+#: axis labels of the particle stack and the table's points
+AXIS_LABELS = (PARTICLE_AXIS_LABEL, "y", "x")
 
 NULL_LAYER = [(None,)]
 
 
 def get_reader(path):
-    """napari ``get_reader`` hook: a reader for particle STAR files and folders holding a particle-vae run, else ``None``."""
+    """napari ``get_reader`` hook: the reader for any ``.star`` file and for folders holding a particle-vae run, else ``None``.
+
+    A ``.star`` file that cannot be shown is accepted too, so that the reader
+    can say why in one line (see the module docstring).
+    """
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             return None
         path = path[0]
     path = Path(str(path))
     if path.is_file():
-        if path.suffix.lower() != ".star":
-            return None
-        try:
-            if not star_columns(path):
-                return None  # not a particle STAR (e.g. a class-average or model STAR): leave it to other readers
-        except OSError:
-            return None
-        return read_particle_run
+        # every STAR is ours: what cannot be shown is explained by read_particle_run, not refused silently
+        return read_particle_run if path.suffix.lower() == ".star" else None
     if path.is_dir() and (is_run_directory(path) or _holds_result(path)):
         return read_particle_run
     return None
@@ -107,14 +116,14 @@ def layer_data(run: ParticleRun) -> list[tuple]:
         stack = run.image_stack()
         low, high = stack.sample_contrast()
         layers.append((stack, {"name": f"{name} particles", "contrast_limits": [low, high], "colormap": "gray", "scale": scale,
-                               "metadata": {**metadata, ROLE_KEY: "particles"}}, "image"))
+                               **_axis_labels(), "metadata": {**metadata, ROLE_KEY: "particles"}}, "image"))
         centres = particle_centres(run)
     points = np.concatenate([np.arange(len(run), dtype=np.float64)[:, None], centres], axis=1)
     # size 1 (data pixel) keeps the layer's extent along the particle axis equal to the image's
     # (napari pads every axis by half the largest point size); the canvas limits keep the cross visible.
     layers.append((points, {"name": f"{name} table", "features": run.table, "size": 1.0, "symbol": "cross",
                             "face_color": "red", "border_width": 0, "canvas_size_limits": (9, 9), "scale": scale,
-                            "out_of_slice_display": False, "visible": run.image_error is None,
+                            "out_of_slice_display": False, "visible": run.image_error is None, **_axis_labels(),
                             "metadata": {**metadata, ROLE_KEY: "table"}}, "points"))
     return layers
 
@@ -135,6 +144,17 @@ def particle_centres(run: ParticleRun) -> np.ndarray:
     out[:, 0] -= origin_px[:, 1]
     out[:, 1] -= origin_px[:, 0]
     return out
+
+
+def _axis_labels() -> dict:
+    """``{"axis_labels": ...}`` where napari's layers take axis labels (napari >= 0.6), else ``{}``."""
+    import inspect
+
+    try:
+        from napari.layers import Image
+    except ImportError:
+        return {}
+    return {"axis_labels": AXIS_LABELS} if "axis_labels" in inspect.signature(Image.__init__).parameters else {}
 
 
 def _layer_name(run: ParticleRun) -> str:

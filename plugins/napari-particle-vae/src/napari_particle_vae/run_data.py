@@ -40,30 +40,50 @@ MAX_SKIPPED_LINES = 100_000
 #: integer columns with at most this many distinct values are treated as categories when colouring
 MAX_CATEGORIES = 30
 
+NO_ROWS = "lists no particles (its rlnImageName loop has no rows)"
 FIX_NO_LATENTS = ("open the STAR written by 'particle-vae infer RUN --out FILE.star' "
                   "(or analyze's clustered_particles.star), or the run directory")
 
 
-def star_columns(path: str | Path) -> list[str]:
-    """Column names of the particle block of a STAR file, read from its header only.
+@dataclass(frozen=True)
+class StarHeader:
+    """What the header of a STAR file says, read without parsing its data rows.
+
+    Attributes:
+        columns: column names of the particle block (the first ``loop_`` with
+            ``rlnImageName``), without the leading underscore; ``[]`` when no
+            block has ``rlnImageName``.
+        has_rows: whether the particle block has at least one data row.
+        blocks: number of ``data_`` blocks seen before the scan stopped.
+    """
+
+    columns: list[str]
+    has_rows: bool
+    blocks: int
+
+
+def scan_star(path: str | Path) -> StarHeader:
+    """Read the header of a STAR file up to the first row of its particle block.
 
     The particle block is the first ``loop_`` whose columns include
-    ``rlnImageName``; the data rows are not read, so this is cheap for files
-    with millions of particles.
+    ``rlnImageName``; the scan stops at its first data row, so this is cheap
+    for files with millions of particles. Bytes that are not UTF-8 are
+    replaced (the full reader reports them).
 
-    Returns:
-        Column names without the leading underscore (``[]`` when no block has
-        ``rlnImageName``).
+    Raises:
+        OSError: the file cannot be read.
     """
     columns: list[str] = []
     in_loop = False
     skipped = 0
+    blocks = 0
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             text = line.strip()
             if text.startswith("data_"):
                 if "rlnImageName" in columns:
-                    return columns
+                    return StarHeader(columns, has_rows=False, blocks=blocks)
+                blocks += 1
                 columns, in_loop = [], False
             elif text == "loop_":
                 columns, in_loop = [], True
@@ -71,13 +91,75 @@ def star_columns(path: str | Path) -> list[str]:
                 columns.append(text[1:].split()[0])
             elif in_loop and text and not text.startswith("#") and columns:
                 if "rlnImageName" in columns:
-                    return columns
+                    return StarHeader(columns, has_rows=True, blocks=blocks)
                 in_loop = False
             elif text and not in_loop:
                 skipped += 1
                 if skipped > MAX_SKIPPED_LINES:  # rows of a large block without rlnImageName: not a particle STAR
-                    return []
-    return columns if "rlnImageName" in columns else []
+                    return StarHeader([], has_rows=False, blocks=blocks)
+    if "rlnImageName" in columns:
+        return StarHeader(columns, has_rows=False, blocks=blocks)
+    return StarHeader([], has_rows=False, blocks=blocks)
+
+
+def star_columns(path: str | Path) -> list[str]:
+    """Column names of the particle block of a STAR file, read from its header only (see :func:`scan_star`).
+
+    Returns:
+        Column names without the leading underscore (``[]`` when no block has
+        ``rlnImageName``).
+    """
+    return scan_star(path).columns
+
+
+def check_particle_star(path: Path) -> list[str]:
+    """The particle block's columns of a STAR that the plugin can open, or a one-line error saying why not.
+
+    Checked from the header only, in the order a user would fix them: an
+    empty file, a file that is not a particle STAR (compressed, not UTF-8,
+    or without a loop holding ``rlnImageName``), a particle block without
+    rows, and a particle STAR without the ``pvaeZ`` latent columns.
+
+    Raises:
+        InputFileError: naming ``path`` and the fix.
+    """
+    try:
+        header = scan_star(path)
+    except OSError as error:
+        raise InputFileError(f"cannot be read ({error.strerror or error})", path, "check the file's permissions") from None
+    if not header.columns:
+        if header.blocks == 0 and not _has_text(path):
+            raise InputFileError("is empty (no STAR data blocks)", path, FIX_NO_LATENTS)
+        _raise_unreadable_star(path)
+        raise InputFileError("is not a particle STAR file: no loop has an rlnImageName column (a class-average, model or "
+                             "optics STAR?)", path, FIX_NO_LATENTS)
+    if not header.has_rows:
+        raise InputFileError(NO_ROWS, path, FIX_NO_LATENTS)
+    if not latent_columns_of(header.columns):
+        raise InputFileError("has no pvaeZ latent columns", path, FIX_NO_LATENTS)
+    return header.columns
+
+
+def _has_text(path: Path) -> bool:
+    """Whether the file holds anything besides blank lines and ``#`` comments."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            text = line.strip()
+            if text and not text.startswith(b"#"):
+                return True
+    return False
+
+
+def _raise_unreadable_star(path: Path) -> None:
+    """Let the core reader name why a file without a particle block cannot be read (compressed, UTF-16, not UTF-8)."""
+    from particle_vae.io.star import read_star
+
+    try:
+        read_star(path)
+    except InputFileError:
+        raise
+    except Exception:  # noqa: BLE001 - a parse failure of a non-particle file: the caller's message says more
+        return
 
 
 def latent_columns_of(columns) -> list[str]:
@@ -146,12 +228,7 @@ def resolve_inputs(path: str | Path) -> tuple[Path, Path | None]:
     if not path.exists():
         raise InputFileError("not found", path, "check the path")
     if path.is_file():
-        columns = star_columns(path)
-        if not columns:
-            raise InputFileError("is not a particle STAR file (no block with rlnImageName)", path, FIX_NO_LATENTS)
-        latents = latent_columns_of(columns)
-        if not latents:
-            raise InputFileError("has no pvaeZ latent columns", path, FIX_NO_LATENTS)
+        latents = latent_columns_of(check_particle_star(path))
         return path, find_run_for_star(path, len(latents))
     runs = [path] if is_run_directory(path) else sorted(p for p in path.iterdir() if is_run_directory(p))
     places = [path] + ([path.parent] if is_run_directory(path) else [])
@@ -313,16 +390,35 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
 
     The particle images are not read; whether their stacks can be found is
     checked (headers only) and a problem is kept in :attr:`ParticleRun.image_error`
-    so that the latent space can still be explored.
+    so that the latent space can still be explored. The STAR is parsed once:
+    the particle source reads it together with the stack headers, and only
+    when the stacks cannot be opened is it read again for the table alone.
 
     Raises:
-        InputFileError: no STAR with latent columns, or an unreadable STAR.
+        InputFileError: no STAR with latent columns, no particle rows, an unreadable STAR, or
+            a STAR beside the ``.npz`` of another ``infer`` run.
     """
+    import logging
+
+    from particle_vae.data.particles import open_source
+    from particle_vae.io.infer_pair import check_pair
     from particle_vae.io.star import ParticleStar
 
     star_path, run_dir = resolve_inputs(path)
-    star = ParticleStar(star_path)
+    missing_npz = check_pair(star_path, allow_missing_npz=True)  # raises for a STAR beside another infer run's .npz
+    if missing_npz:
+        logging.getLogger(__name__).warning("%s", missing_npz)
+    datadir = None if datadir is None else Path(datadir)
+    source, image_error = None, None
+    try:
+        source = open_source(star_path, datadir=datadir)
+        star = source.star
+    except ParticleVAEError as error:
+        image_error = str(error)
+        star = ParticleStar(star_path)  # a problem of the STAR itself is raised here; one of the stacks was kept above
     table = star.particles.reset_index(drop=True)
+    if len(table) == 0:
+        raise InputFileError(NO_ROWS, star_path, FIX_NO_LATENTS)
     latents = latent_columns_of(table.columns)
     if not latents:
         raise InputFileError("has no pvaeZ latent columns", star_path, FIX_NO_LATENTS)
@@ -334,8 +430,11 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
         raise InputFileError(f"{int((~np.isfinite(values)).any(axis=1).sum())} rows have NaN or Inf latents", star_path,
                              "re-run 'particle-vae infer'")
     run = ParticleRun(star_path=Path(star_path), star=star, table=table, latent_columns=latents, run_dir=run_dir,
-                      datadir=None if datadir is None else Path(datadir))
-    run.check_images()
+                      datadir=datadir, image_error=image_error)
+    if source is not None and len(source) != len(table):
+        run.image_error = str(InputFileError(f"the stacks give {len(source)} images for {len(table)} rows", star_path))
+    elif source is not None:
+        run._source = source
     return run
 
 

@@ -8,6 +8,13 @@ Qt-free; the widget runs these functions in worker threads.
   ``particle-vae analyze`` does: ``c(y) = obs(R(-psi) y - o)``), and the mean of
   the aligned particles over the whole selection (at most ``max_averaged``,
   a random subset beyond).
+* :class:`SelectionSample`: a selection of any size shown a page at a time:
+  its particles in a fixed random order (seeded), each page read, aligned and
+  added to the average on demand, so that showing a selection of hundreds of
+  thousands of particles costs one page, not the whole selection.
+* :func:`montage` and :func:`cell_origins`: particles laid out as a grid of
+  cells in one 2D image, so that a view does not depend on napari's shared
+  particle slider (a stack shorter than the slider's position shows nothing).
 * :class:`ModelHandle`: the run's model, loaded once on CPU or GPU, drawing
   ``model.decode(z, theta=0, t=0)`` (the generator's upright image, moved so that
   its centre of mass is on the box centre, the frame of the aligned particles
@@ -32,6 +39,16 @@ MAX_SHOWN = 256
 MAX_AVERAGED = 20_000
 #: particles read per batch
 BATCH = 256
+#: particles shown at first and added by each "show more" of a selection
+PAGE_SIZE = 64
+#: seed of the random order in which a selection's particles are shown
+SAMPLE_SEED = 0
+#: most cells of a montage of selected particles (beyond, more particles only refine the average)
+MAX_MONTAGE_CELLS = 1024
+#: most pixels of one montage (64 MiB of float32): large boxes get fewer cells
+MAX_MONTAGE_PIXELS = 4096 * 4096
+#: pixels between the cells of a montage
+MONTAGE_GAP = 2
 
 Progress = Callable[[int, int], None]
 
@@ -146,6 +163,202 @@ def _as_rows(selected, n: int) -> np.ndarray:
             raise ValueError(f"selection mask has shape {selected.shape}, expected ({n},)")
         return np.flatnonzero(selected)
     return np.sort(selected.astype(np.int64).reshape(-1))
+
+
+@dataclass
+class SelectionPage:
+    """One page of a :class:`SelectionSample`, read in a worker thread and added with :meth:`SelectionSample.add`.
+
+    Attributes:
+        rows: ``(B,)`` STAR rows read, ascending.
+        raw: ``(B, N, N)`` float32 normalised particles as read.
+        aligned: ``(B, N, N)`` float32 the same with their STAR pose undone.
+        aligned_sum: ``(N, N)`` float64 sum of ``aligned`` (for the running average).
+    """
+
+    rows: np.ndarray
+    raw: np.ndarray
+    aligned: np.ndarray
+    aligned_sum: np.ndarray
+
+
+class SelectionSample:
+    """A selection of any size, shown a page at a time in a fixed random order.
+
+    The selected STAR rows are put in a random order drawn once with
+    ``seed`` (the same selection and seed always give the same pages); each
+    page takes the next ``count`` rows of that order, sorted by STAR row. Up
+    to :attr:`max_cells` particles are kept for the montages of raw and aligned
+    particles; every particle read goes into :attr:`average`.
+
+    Args:
+        run: the opened result (its stacks must be readable).
+        selected: ``(N,)`` boolean mask or ``(S,)`` STAR rows.
+        seed: seed of the random order.
+        max_cells: most particles kept for the montages (default: :data:`MAX_MONTAGE_CELLS`,
+            fewer for boxes over ``sqrt(MAX_MONTAGE_PIXELS / MAX_MONTAGE_CELLS)`` = 128 px).
+    Raises:
+        ParticleVAEError: empty selection.
+    """
+
+    def __init__(self, run: ParticleRun, selected, seed: int = SAMPLE_SEED, max_cells: int | None = None):
+        rows = _as_rows(selected, len(run))
+        if rows.size == 0:
+            raise ParticleVAEError("nothing is selected; draw a lasso or rectangle on the latent plot first")
+        self.run = run
+        self.seed = int(seed)
+        self.order = np.random.default_rng(self.seed).permutation(np.unique(rows))
+        self.box = int(run.box)
+        self.max_cells = int(max_cells) if max_cells is not None else max(
+            1, min(MAX_MONTAGE_CELLS, MAX_MONTAGE_PIXELS // (self.box * self.box)))
+        self.aligned_with_pose = run.poses() is not None
+        #: montage columns, fixed for the sample so that cells keep their place as pages are added
+        self.columns = montage_columns(min(self.n_selected, self.max_cells))
+        self.n_read = 0
+        self._requested = 0
+        self._shown_rows: list[np.ndarray] = []
+        self._raw: list[np.ndarray] = []
+        self._aligned: list[np.ndarray] = []
+        self._sum = np.zeros((self.box, self.box), dtype=np.float64)
+
+    @property
+    def n_selected(self) -> int:
+        """Number of selected particles."""
+        return int(self.order.size)
+
+    @property
+    def n_shown(self) -> int:
+        """Particles in the montages (at most :attr:`max_cells`)."""
+        return int(sum(part.size for part in self._shown_rows))
+
+    @property
+    def remaining(self) -> int:
+        """Selected particles not read yet (nor asked for)."""
+        return self.n_selected - self._requested
+
+    @property
+    def montage_full(self) -> bool:
+        """Whether the montages hold :attr:`max_cells` particles (more pages only refine the average)."""
+        return self.n_shown >= self.max_cells
+
+    @property
+    def rows(self) -> np.ndarray:
+        """``(S,)`` STAR rows in the montages, in cell order."""
+        return np.concatenate(self._shown_rows) if self._shown_rows else np.zeros(0, dtype=np.int64)
+
+    @property
+    def averaged_rows(self) -> np.ndarray:
+        """``(A,)`` STAR rows in :attr:`average` (the first :attr:`n_read` of the random order)."""
+        return np.sort(self.order[:self.n_read])
+
+    @property
+    def raw(self) -> np.ndarray:
+        """``(S, N, N)`` float32 particles in the montages, as read."""
+        return np.concatenate(self._raw) if self._raw else np.zeros((0, self.box, self.box), dtype=np.float32)
+
+    @property
+    def aligned(self) -> np.ndarray:
+        """``(S, N, N)`` float32 the same particles with their STAR pose undone."""
+        return np.concatenate(self._aligned) if self._aligned else np.zeros((0, self.box, self.box), dtype=np.float32)
+
+    @property
+    def average(self) -> np.ndarray:
+        """``(N, N)`` float32 mean of every aligned particle read so far (zeros before the first page)."""
+        return (self._sum / max(self.n_read, 1)).astype(np.float32)
+
+    def release(self) -> None:
+        """Give back the rows reserved by :meth:`take` but never added (their page failed)."""
+        self._requested = self.n_read
+
+    def take(self, count: int = PAGE_SIZE) -> np.ndarray:
+        """Reserve the next ``count`` particles of the random order: ``(B,)`` STAR rows, ascending (empty when all are taken)."""
+        count = max(0, min(int(count), self.remaining))
+        rows = np.sort(self.order[self._requested:self._requested + count])
+        self._requested += count
+        return rows
+
+    def iter_read(self, rows: np.ndarray) -> Generator[tuple[int, int], None, SelectionPage]:
+        """Read and align ``rows`` (from :meth:`take`); yields ``(read, total)`` per batch and returns the page.
+
+        Touches no state of the sample, so it can run in a worker thread while
+        the montages are shown.
+        """
+        raw_parts, aligned_parts = [], []
+        total = np.zeros((self.box, self.box), dtype=np.float64)
+        done = 0
+        for batch in _batches(rows):
+            images = self.run.read_images(batch)
+            aligned = align(self.run, images, batch)
+            raw_parts.append(images)
+            aligned_parts.append(aligned)
+            total += aligned.astype(np.float64).sum(axis=0)
+            done += batch.size
+            yield done, int(rows.size)
+        empty = np.zeros((0, self.box, self.box), dtype=np.float32)
+        return SelectionPage(rows=np.asarray(rows, dtype=np.int64), raw=np.concatenate(raw_parts) if raw_parts else empty,
+                             aligned=np.concatenate(aligned_parts) if aligned_parts else empty, aligned_sum=total)
+
+    def add(self, page: SelectionPage) -> int:
+        """Add a page read by :meth:`iter_read`: to the average always, to the montages while there is room.
+
+        Returns:
+            Particles added to the montages.
+        """
+        self._sum += page.aligned_sum
+        self.n_read += int(page.rows.size)
+        room = max(0, self.max_cells - self.n_shown)
+        if room and page.rows.size:
+            self._shown_rows.append(page.rows[:room])
+            self._raw.append(page.raw[:room])
+            self._aligned.append(page.aligned[:room])
+        return min(room, int(page.rows.size))
+
+    def load(self, count: int = PAGE_SIZE, progress: Progress | None = None) -> SelectionPage:
+        """Take, read and add the next ``count`` particles in one call (scripts; the widget runs the steps in a worker)."""
+        steps = self.iter_read(self.take(count))
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as finished:
+                self.add(finished.value)
+                return finished.value
+            if progress is not None:
+                progress(done, total)
+
+
+def montage_columns(count: int) -> int:
+    """Columns of a montage of ``count`` cells: about square, 4 to 16 wide (fewer when there are fewer cells)."""
+    return int(min(max(count, 1), max(4, min(16, int(np.ceil(np.sqrt(max(count, 1))))))))
+
+
+def cell_origins(count: int, columns: int, box: int, gap: int = MONTAGE_GAP) -> np.ndarray:
+    """``(count, 2)`` pixel (row, column) of the top-left corner of each montage cell, filled row by row."""
+    index = np.arange(int(count))
+    return np.stack([index // columns, index % columns], axis=1) * (int(box) + int(gap))
+
+
+def montage(images: np.ndarray, columns: int, gap: int = MONTAGE_GAP, fill: float | None = None) -> np.ndarray:
+    """Lay ``images`` ``(S, N, N)`` out as one 2D image, row by row, ``columns`` cells wide.
+
+    Args:
+        images: the cells, ``S >= 1``.
+        columns: cells per row.
+        gap: pixels between cells.
+        fill: value of the gaps and of the empty cells of the last row
+            (default: the 0.5th percentile of ``images``, which the display's
+            contrast range shows black).
+    Returns:
+        ``(rows * (N + gap) - gap, columns * (N + gap) - gap)`` float32, ``rows = ceil(S / columns)``.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    count, box = images.shape[0], images.shape[-1]
+    rows = max(1, -(-count // columns))
+    if fill is None:
+        fill = float(np.percentile(images, 0.5)) if count else 0.0
+    out = np.full((rows * (box + gap) - gap, columns * (box + gap) - gap), fill, dtype=np.float32)
+    for image, (top, left) in zip(images, cell_origins(count, columns, box, gap)):
+        out[top:top + box, left:left + box] = image
+    return out
 
 
 def interpolate_latents(z_start, z_end, steps: int) -> np.ndarray:

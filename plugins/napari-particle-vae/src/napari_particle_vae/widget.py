@@ -9,27 +9,36 @@ Controls, top to bottom (docs/napari.md describes each):
 * the scatter plot, with a lasso, rectangle or pick tool (pick: hovering
   shows the particle under the cursor, clicking also chooses the latent point
   for reconstruction); replace / add / remove selection modes;
-* selection views: raw and aligned particles of the selection and their
-  average (worker thread, with progress);
+* selection views: a random sample (seeded) of the selection, a page at a
+  time ("show more" adds the next page), as montages of raw and aligned
+  particles with each cell labelled (STAR row, cluster), and the average of
+  every particle read (worker thread, with progress);
 * generator: device, the latent point (selection mean or clicked point),
   reconstruction at pose zero, and a traversal between two stored points;
 * export: the selection as a STAR subset, the selection as a new cluster id,
   and the whole table with its clusters.
 
-Everything long runs in a worker thread; problems a user can fix are shown as
-one-line notifications. The methods used by the buttons are public
+Views are 2D images (montages for several particles) laid out side by side
+to the right of the particle stack, each titled on the canvas, so that none
+depends on napari's shared particle slider. Everything long runs in a worker
+thread; the status line says what is being computed now (or the last result);
+problems a user can fix are shown as one-line notifications. The methods used by the buttons are public
 (:meth:`select_rectangle`, :meth:`show_selection`, :meth:`reconstruct`, ...)
 so scripts and tests can drive the widget without a mouse.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -46,9 +55,17 @@ from qtpy.QtWidgets import (
 )
 
 from napari_particle_vae import export, scatter
-from napari_particle_vae.reader import METADATA_KEY, ROLE_KEY
+from napari_particle_vae.reader import METADATA_KEY, PARTICLE_AXIS_LABEL, ROLE_KEY
 from napari_particle_vae.run_data import ParticleRun
-from napari_particle_vae.views import ModelHandle, iter_selection_views
+from napari_particle_vae.views import (
+    PAGE_SIZE,
+    SAMPLE_SEED,
+    ModelHandle,
+    SelectionSample,
+    cell_origins,
+    montage,
+    montage_columns,
+)
 from particle_vae.errors import ParticleVAEError
 
 if TYPE_CHECKING:
@@ -59,6 +76,45 @@ log = logging.getLogger(__name__)
 PROJECTION_LABELS = {"columns": "two columns", "pca": "PCA of the latents", "tsne": "t-SNE of the latents"}
 TOOLS = ("lasso", "rectangle", "pick")
 MODES = ("replace", "add", "remove")
+#: the widget's views, left to right after the particle stack: layer role -> layer name after the run's name
+VIEW_NAMES = {
+    "selection_average": "selection average (aligned)",
+    "selection_raw": "selection raw particles",
+    "selection_aligned": "selection aligned particles",
+    "reconstruction": "reconstruction (pose zero)",
+    "traversal": "traversal (pose zero)",
+}
+#: names (after the run's name) of the text layers: a title above each view, a label in each montage cell
+TITLES_NAME, CELL_LABELS_NAME = "view titles", "cell labels"
+#: most particles read per "show more"
+MAX_PAGE = 4096
+#: traversals with at most this many steps are drawn as one row
+MAX_TRAVERSAL_ROW = 12
+#: canvas layout, in particle boxes: height of the title row above each view, font sizes, least width of a run's column
+TITLE_ROW, TITLE_SIZE, CELL_LABEL_SIZE, MIN_COLUMN = 0.5, 0.22, 0.085, 8
+
+
+@dataclass
+class ViewPanel:
+    """A view laid out on the canvas: one 2D image layer, its title and the labels of its cells.
+
+    Attributes:
+        base: name of the run it belongs to (the table layer's name without `` table``).
+        run: the run it belongs to.
+        role: key of :data:`VIEW_NAMES`.
+        layer: the image layer.
+        title: text drawn above the image.
+        cells: ``(C, 2)`` top-left (y, x) of each cell relative to the image's corner, in Angstrom.
+        cell_texts: ``C`` labels drawn in the cells.
+    """
+
+    base: str
+    run: ParticleRun | None
+    role: str
+    layer: object
+    title: str
+    cells: np.ndarray
+    cell_texts: list[str]
 
 
 class LatentExplorerWidget(QWidget):
@@ -90,12 +146,20 @@ class LatentExplorerWidget(QWidget):
         self.chosen_point: tuple[float, float] | None = None
         self.traversal_ends: list[np.ndarray | None] = [None, None]
         self.busy = 0
-        self._workers: set = set()
+        self._workers: dict = {}  # worker -> task id of what it computes
         self._models: dict[tuple[str, str], ModelHandle] = {}
         self._hover_row: int | None = None
         self._embedding_token = 0
-        self._grid_done = False
+        self._embedding_task: int | None = None
         self._known_tables: list = []
+        self._tasks: dict[int, str] = {}
+        self._task_ids = itertools.count(1)
+        self._last_message = ""
+        self._panels: dict[str, ViewPanel] = {}
+        self._new_panel = False
+        self.sample: SelectionSample | None = None
+        self._sample_mask: np.ndarray | None = None
+        self._page_loading = False
 
         # -- controls -----------------------------------------------------------------
         self.run_combo = QComboBox()
@@ -126,6 +190,12 @@ class LatentExplorerWidget(QWidget):
         self._selector = None
 
         self.show_button = QPushButton("show selected particles (raw, aligned, average)")
+        self.more_button = QPushButton("show more")
+        self.more_button.setEnabled(False)
+        self.page_spin = QSpinBox()
+        self.page_spin.setRange(1, MAX_PAGE)
+        self.page_spin.setValue(PAGE_SIZE)
+        self.page_spin.setToolTip("particles read at first and by each 'show more' (a random sample of the selection)")
         self.device_combo = QComboBox()
         self.device_combo.addItems(_devices())
         self.point_combo = QComboBox()
@@ -168,6 +238,11 @@ class LatentExplorerWidget(QWidget):
         views_box = QGroupBox("selection views")
         views_layout = QVBoxLayout(views_box)
         views_layout.addWidget(self.show_button)
+        more_row = QHBoxLayout()
+        more_row.addWidget(self.more_button, 1)
+        more_row.addWidget(QLabel("per click"))
+        more_row.addWidget(self.page_spin)
+        views_layout.addLayout(more_row)
         layout.addWidget(views_box)
 
         generator_box = QGroupBox("generator (pose zero)")
@@ -203,7 +278,8 @@ class LatentExplorerWidget(QWidget):
         self.colour_combo.currentIndexChanged.connect(lambda _: self._on_colour_changed())
         self.tool_combo.currentIndexChanged.connect(lambda _: self._install_selector())
         self.clear_button.clicked.connect(self.clear_selection)
-        self.show_button.clicked.connect(self.show_selection)
+        self.show_button.clicked.connect(lambda: self.show_selection())
+        self.more_button.clicked.connect(lambda: self.show_more())
         self.reconstruct_button.clicked.connect(lambda: self.reconstruct())
         self.start_button.clicked.connect(lambda: self.set_traversal_end(0))
         self.end_button.clicked.connect(lambda: self.set_traversal_end(1))
@@ -242,7 +318,10 @@ class LatentExplorerWidget(QWidget):
         if layers:
             # a newly opened run is shown at once; otherwise keep the current one
             index = layers.index(added[-1]) if added else layers.index(current) if current in layers else len(layers) - 1
+            # silently: the combo's signal would switch (and reset) the run even when it is the current one
+            self.run_combo.blockSignals(True)
             self.run_combo.setCurrentIndex(index)
+            self.run_combo.blockSignals(False)
             if layers[index] is not current:
                 self._on_run_changed(index)
         else:
@@ -263,6 +342,8 @@ class LatentExplorerWidget(QWidget):
     def _set_run(self, layer, run: ParticleRun | None):
         self.table_layer, self.run = layer, run
         self.selected = np.zeros(0 if run is None else len(run), dtype=bool)
+        self.sample, self._sample_mask = None, None
+        self._update_more_button()
         self.chosen_point = None
         self.traversal_ends = [None, None]
         self.embedding = None
@@ -349,6 +430,11 @@ class LatentExplorerWidget(QWidget):
         run, kind = self.run, self.projection
         self._embedding_token += 1
         token = self._embedding_token
+        if self._embedding_task is not None:
+            # a projection still computing is no longer wanted: the status line stops announcing it
+            self._tasks.pop(self._embedding_task, None)
+            self._embedding_task = None
+            self._render_status()
         if kind == "columns":
             x, y = self.x_combo.currentText(), self.y_combo.currentText()
             if not x or not y:
@@ -357,12 +443,12 @@ class LatentExplorerWidget(QWidget):
             return None
         latents = run.latents()
         compute = scatter.embed_pca if kind == "pca" else scatter.embed_tsne
+        count = min(len(latents), scatter.MAX_TSNE_POINTS) if kind == "tsne" else len(latents)
 
-        def job():
-            yield ("status", f"computing the {PROJECTION_LABELS[kind]} of {len(latents):,} particles...")
-            return compute(latents)
-
-        return self._start(job, lambda embedding: self._set_embedding(embedding, token), f"{PROJECTION_LABELS[kind]}")
+        worker = self._start(lambda: compute(latents), lambda embedding: self._set_embedding(embedding, token),
+                             PROJECTION_LABELS[kind], f"computing the {PROJECTION_LABELS[kind]} of {count:,} particles...")
+        self._embedding_task = self._workers[worker]
+        return worker
 
     def _set_embedding(self, embedding: scatter.Embedding, token: int):
         if token != self._embedding_token or self.run is None:
@@ -371,6 +457,7 @@ class LatentExplorerWidget(QWidget):
         self.colours = scatter.colouring(self.run.table, self.colour_combo.currentData(), embedding.rows)
         self.chosen_point = None
         self._draw()
+        self._status(f"plot: {_describe_embedding(embedding)}")
 
     def _draw(self):
         if self.embedding is None or self.colours is None:
@@ -443,6 +530,7 @@ class LatentExplorerWidget(QWidget):
             self.select_rows(np.zeros(len(self.run), dtype=bool), mode="replace")
 
     def _update_selection_label(self):
+        self._update_more_button()
         count = int(self.selected.sum())
         total = 0 if self.run is None else len(self.run)
         self.selection_label.setText(f"{count:,} of {total:,} particles selected" if count else "no selection")
@@ -497,56 +585,185 @@ class LatentExplorerWidget(QWidget):
             self.viewer.dims.set_point(0, row)  # world coordinate of axis 0 = STAR row (scale 1 on that axis)
 
     def _particles_layer(self):
-        for layer in self.viewer.layers:
-            if layer.metadata.get(ROLE_KEY) == "particles" and layer.metadata.get(METADATA_KEY) is self.run:
-                return layer
-        return None
+        return self._particles_layer_of(self.run)
 
     # =============================================================================== views
 
     def _base_name(self) -> str:
+        """The run's name for its view layers: the table layer's name without `` table`` (napari's `` [n]`` kept)."""
         name = self.table_layer.name if self.table_layer is not None else "particle-vae"
-        return name.removesuffix(" table")
+        match = re.fullmatch(r"(.*) table( \[\d+\])?", name)
+        return match.group(1) + (match.group(2) or "") if match else name
 
-    def _scale(self, pixel_size: float | None, ndim: int) -> tuple:
+    def view_layer(self, role: str):
+        """The current run's view layer of ``role`` (a key of :data:`VIEW_NAMES`), or ``None``."""
+        return _layer_named(self.viewer, f"{self._base_name()} {VIEW_NAMES[role]}")
+
+    def _show_view(self, role: str, image: np.ndarray, pixel_size: float | None, title: str,
+                   cells_px: np.ndarray | None = None, cell_texts: list[str] | None = None, reset_contrast: bool = True,
+                   metadata: dict | None = None, layout: bool = True):
+        """Add or update the 2D view layer ``role`` (``image`` ``(H, W)``) and lay every view out again.
+
+        Args:
+            cells_px: ``(C, 2)`` top-left pixel (row, column) of each cell of a montage.
+            cell_texts: ``C`` labels drawn in the cells.
+            reset_contrast: set the display range from the new image (else keep the user's).
+            layout: lay the views out now (``False`` when more views follow at once).
+        """
+        base = self._base_name()
+        name = f"{base} {VIEW_NAMES[role]}"
         apix = 1.0 if pixel_size is None else float(pixel_size)
-        return (1.0,) * (ndim - 2) + (apix, apix)
-
-    def _set_layer(self, name: str, data: np.ndarray, pixel_size: float | None, **kwargs):
-        kwargs = {"colormap": "gray", **kwargs}
-        scale = self._scale(pixel_size, data.ndim)
-        if name in self.viewer.layers:
+        scale = (apix, apix)
+        metadata = {METADATA_KEY: self.run, ROLE_KEY: role, **(metadata or {})}
+        new_panel = name not in self._panels or name not in self.viewer.layers
+        if name in self.viewer.layers and self.viewer.layers[name].ndim == 2:
             layer = self.viewer.layers[name]
-            if layer.data.shape == data.shape and tuple(layer.scale) == scale:
-                layer.data = data
-                layer.reset_contrast_limits()
+            layer.data = image
+            layer.scale = scale
+            layer.metadata = metadata
+            if reset_contrast:
+                layer.contrast_limits = _display_range(image)
+        else:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            layer = self.viewer.add_image(image, name=name, scale=scale, colormap="gray",
+                                          contrast_limits=_display_range(image), metadata=metadata)
+        cells = np.zeros((0, 2)) if cells_px is None else np.asarray(cells_px, dtype=np.float64) * apix
+        self._panels[name] = ViewPanel(base=base, run=self.run, role=role, layer=layer, title=title, cells=cells,
+                                       cell_texts=list(cell_texts or []))
+        self._new_panel = self._new_panel or new_panel
+        if layout:
+            self._layout_views()
+        return layer
+
+    def _layout_views(self) -> None:
+        """Stack every view of a run in a column to the right of its particle stack, and redraw titles and cell labels.
+
+        Views are 2D, so they show at every position of the particle slider.
+        Lengths are in units of the run's particle box (Angstrom): a title
+        row of :data:`TITLE_ROW` boxes above each view, so that titles never
+        run into each other; text scales with the zoom like the images (at
+        :data:`TITLE_SIZE` and :data:`CELL_LABEL_SIZE` boxes), so cell labels
+        stay inside their cells however far one zooms out. Runs (when several
+        are explored) get columns side by side.
+        """
+        panels = [panel for panel in self._panels.values() if panel.layer in self.viewer.layers]
+        self._panels = {panel.layer.name: panel for panel in panels}
+        order = list(VIEW_NAMES)
+        column_left = 0.0
+        for base in dict.fromkeys(panel.base for panel in panels):
+            column = sorted((p for p in panels if p.base == base), key=lambda p: order.index(p.role))
+            particles = self._particles_layer_of(column[0].run)
+            unit = _extent(particles)[1] if particles is not None else _extent(column[0].layer)[1]
+            titles, title_texts, cells, cell_texts = [], [], [], []
+            if particles is not None and column_left == 0.0:  # every run's stack lies at the origin: one title
+                titles.append((-0.05 * unit, 0.0))
+                title_texts.append(f"all {particles.data.shape[0]:,} particles (slider: {PARTICLE_AXIS_LABEL})")
+            left = column_left + (1.5 * unit if particles is not None else 0.0)
+            top, width = TITLE_ROW * unit, 0.0
+            for panel in column:
+                panel.layer.translate = (top, left)
+                titles.append((top - 0.05 * unit, left))
+                title_texts.append(panel.title)
+                cells.extend((top + y, left + x) for y, x in panel.cells)
+                cell_texts.extend(panel.cell_texts)
+                height, panel_width = _extent(panel.layer)
+                top += height + TITLE_ROW * unit
+                width = max(width, panel_width)
+            # napari draws the y axis downwards, so "upper" anchors put the text above the point and "lower" below it
+            self._set_text_layer(base, TITLES_NAME, titles, title_texts, anchor="upper_left", size=TITLE_SIZE * unit,
+                                 colour="white")
+            self._set_text_layer(base, CELL_LABELS_NAME, cells, cell_texts, anchor="lower_left",
+                                 size=CELL_LABEL_SIZE * unit, colour="yellow")
+            column_left = left + max(width, MIN_COLUMN * unit) + unit
+        if self._new_panel:
+            self._new_panel = False
+            self.viewer.reset_view()
+
+    def _set_text_layer(self, base: str, suffix: str, coords, texts: list[str], anchor: str, size: float, colour: str):
+        """A points layer that draws only ``texts`` at ``coords`` ``(T, 2)`` (Angstrom), kept above the images.
+
+        ``size`` is the font size in Angstrom where napari scales text with the
+        zoom (napari >= 0.5), else in screen points (then at most 10).
+        """
+        name = f"{base} {suffix}"
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        text = {"string": "{label}", "anchor": anchor, "color": colour, **_text_size(size)}
+        features = pd.DataFrame({"label": pd.Series(list(texts), dtype=object)})
+        layer = _layer_named(self.viewer, name)
+        if layer is not None and layer.ndim == 2:
+            # updated in place: removing a layer makes napari run a full garbage collection (seconds with large runs)
+            layer.data = coords
+            layer.features = features
+            layer.text = text
+        else:
+            active = self.viewer.layers.selection.active
+            layer = self.viewer.add_points(coords, name=name, features=features, text=text, size=1.0, face_color="transparent",
+                                           border_width=0, opacity=1.0, metadata={METADATA_KEY: self.run, ROLE_KEY: suffix})
+            if active is not None:  # the text is no layer to work on: keep the user's (or the new view's) layer active
+                self.viewer.layers.selection.active = active
+        index = self.viewer.layers.index(layer)
+        if index != len(self.viewer.layers) - 1:  # drawn over the views added after it (move inserts before dest)
+            self.viewer.layers.move(index, len(self.viewer.layers))
+
+    def _particles_layer_of(self, run: ParticleRun | None):
+        """The reader's particle stack of ``run`` (found by its metadata: napari may have renamed it), or ``None``."""
+        for layer in self.viewer.layers:
+            if layer.metadata.get(ROLE_KEY) == "particles" and layer.metadata.get(METADATA_KEY) is run:
                 return layer
-            self.viewer.layers.remove(name)
-        return self.viewer.add_image(data, name=name, scale=scale, **kwargs)
+        return None
 
-    def _show_in_grid(self):
-        """Lay the layers out side by side (napari's grid mode) the first time a view is added."""
-        if not self._grid_done:
-            self._grid_done = True
-            canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9 moved the grid to viewer.canvas
-            grid = canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
-            grid.enabled = True
-        self.viewer.reset_view()
+    def show_selection(self, count: int | None = None, seed: int = SAMPLE_SEED):
+        """Show a random sample of the selection: ``count`` particles (default: the "per click" box) of the
+        selection in a random order drawn with ``seed``.
 
-    def show_selection(self):
-        """Add (or update) layers ``... selection raw`` ``(S, N, N)``, ``... selection aligned`` ``(S, N, N)``
-        and ``... selection average`` ``(N, N)``; runs in a worker (returned)."""
+        Adds or updates the layers ``... selection raw particles`` and ``... selection
+        aligned particles`` (montages, one labelled cell per particle: STAR row and
+        cluster) and ``... selection average (aligned)`` (the mean of every particle
+        read so far). :meth:`show_more` adds the next particles. Runs in a worker (returned).
+        """
         run = self.run
         if not self._check_selection():
             return None
         if run.image_error is not None:
             self._error(run.image_error)
             return None
-        selected = self.selected.copy()
+        if self._page_loading:
+            self._status("still reading the previous particles; try again when they are shown")
+            return None
+        try:
+            sample = SelectionSample(run, self.selected, seed=seed)
+        except ParticleVAEError as error:
+            self._error(str(error))
+            return None
+        self.sample, self._sample_mask = sample, self.selected.copy()
+        return self._load_page(sample, count, first=True)
+
+    def show_more(self, count: int | None = None):
+        """Read the next ``count`` particles (default: the "per click" box) of the shown selection's random order,
+        add them to the montages (while they have room) and to the average. Runs in a worker (returned)."""
+        sample = self.sample
+        if sample is None or sample.run is not self.run:
+            self._error("no selection is shown; press 'show selected particles' first")
+            return None
+        if self._page_loading:
+            self._status("still reading the previous particles; try again when they are shown")
+            return None
+        if not np.array_equal(self._sample_mask, self.selected):
+            self._error("the selection changed since it was shown; press 'show selected particles' to show the new one")
+            return None
+        if sample.remaining == 0:
+            self._status(f"all {sample.n_selected:,} selected particles are read already")
+            return None
+        return self._load_page(sample, count, first=False)
+
+    def _load_page(self, sample: SelectionSample, count: int | None, first: bool):
+        rows = sample.take(count or self.page_spin.value())
+        self._page_loading = True
+        self._update_more_button()
 
         def job():
-            yield ("status", f"reading {int(selected.sum()):,} selected particles...")
-            steps = iter_selection_views(run, selected)
+            steps = sample.iter_read(rows)
             while True:
                 try:
                     done, total = next(steps)
@@ -554,16 +771,73 @@ class LatentExplorerWidget(QWidget):
                     return finished.value
                 yield ("progress", done, total)
 
-        def done(result):
-            base, apix = self._base_name(), run.pixel_size
-            note = "" if result.aligned_with_pose else " (no rlnAnglePsi in the STAR: not aligned)"
-            self._set_layer(f"{base} selection raw", result.raw, apix)
-            self._set_layer(f"{base} selection aligned", result.aligned, apix)
-            self._set_layer(f"{base} selection average", result.average, apix)
-            self._show_in_grid()
-            self._status(f"{len(result.rows)} particles shown, {len(result.averaged_rows)} averaged{note}")
+        def done(page):
+            self._page_loading = False
+            if sample is not self.sample:
+                self._update_more_button()
+                return  # a newer selection is shown
+            sample.add(page)
+            self._show_sample(sample, reset_contrast=first)
 
-        return self._start(job, done, "selection views")
+        def failed(_error):
+            self._page_loading = False
+            sample.release()
+            self._update_more_button()
+
+        doing = (f"reading {rows.size:,} of {sample.n_selected:,} selected particles (random sample)..." if first else
+                 f"reading {rows.size:,} more of {sample.n_selected:,} selected particles...")
+        return self._start(job, done, "selection views", doing, on_error=failed)
+
+    def _show_sample(self, sample: SelectionSample, reset_contrast: bool) -> None:
+        """Draw a :class:`SelectionSample`: montages of raw and aligned particles with labelled cells, and the average."""
+        apix = sample.run.pixel_size
+        rows, columns = sample.rows, sample.columns
+        cells = cell_origins(len(rows), columns, sample.box)
+        texts = self._cell_texts(rows)
+        raw, aligned = sample.raw, sample.aligned
+        raw_layer, aligned_layer = self.view_layer("selection_raw"), self.view_layer("selection_aligned")
+        fill_raw = None if reset_contrast or raw_layer is None else float(raw_layer.contrast_limits[0])
+        fill_aligned = None if reset_contrast or aligned_layer is None else float(aligned_layer.contrast_limits[0])
+        shown = f"{len(rows):,} of {sample.n_selected:,} selected" + (
+            f" (random sample, seed {sample.seed})" if len(rows) < sample.n_selected else "")
+        pose_note = "STAR pose undone" if sample.aligned_with_pose else "no rlnAnglePsi in the STAR: not aligned"
+        metadata = {"particle_vae_rows": rows}
+        self._show_view("selection_average", sample.average, apix, f"average of {sample.n_read:,} aligned ({pose_note})",
+                        layout=False)
+        self._show_view("selection_raw", montage(raw, columns, fill=fill_raw), apix, f"raw: {shown}", cells, texts,
+                        reset_contrast=reset_contrast, metadata={**metadata, "particle_vae_cells": raw}, layout=False)
+        self._show_view("selection_aligned", montage(aligned, columns, fill=fill_aligned), apix,
+                        f"aligned ({pose_note}): same cells", cells, texts, reset_contrast=reset_contrast,
+                        metadata={**metadata, "particle_vae_cells": aligned})
+        self._update_more_button()
+        if sample.remaining == 0:
+            more = "all selected particles are read"
+        elif sample.montage_full:
+            more = f"the montages are full ({sample.max_cells:,} cells at this box); 'show more' refines the average"
+        else:
+            more = f"'show more' adds {min(self.page_spin.value(), sample.remaining):,}"
+        self._status(f"showing {shown}, average of {sample.n_read:,}; {more}")
+
+    def _cell_texts(self, rows: np.ndarray) -> list[str]:
+        """Labels of particles' cells: ``#row`` (the STAR row, the particle slider's position) and ``c<cluster>``."""
+        run = self.run
+        cluster = run.cluster_column() if run is not None else None
+        clusters = None
+        if cluster is not None and np.issubdtype(run.table[cluster].dtype, np.number):
+            clusters = run.table[cluster].to_numpy(dtype=np.float64)[rows]
+        texts = []
+        for index, row in enumerate(rows):
+            text = f"#{int(row)}"
+            if clusters is not None and np.isfinite(clusters[index]):
+                text += f" c{int(clusters[index])}"
+            texts.append(text)
+        return texts
+
+    def _update_more_button(self) -> None:
+        """'show more' works while the shown selection is the current one, has unread particles and no page is loading."""
+        sample = self.sample
+        current = sample is not None and self._sample_mask is not None and np.array_equal(self._sample_mask, self.selected)
+        self.more_button.setEnabled(current and sample.remaining > 0 and not self._page_loading)
 
     def _check_selection(self) -> bool:
         if self.run is None:
@@ -619,17 +893,17 @@ class LatentExplorerWidget(QWidget):
         device = self.device_combo.currentText()
 
         def job():
-            yield ("status", f"loading the model on {device} and decoding...")
             model = self._model(device)
             return model.decode(z)[0], model.pixel_size
 
+        point = "z = (" + ", ".join(f"{v:.3g}" for v in z) + ")"
+
         def done(result):
             image, apix = result
-            self._set_layer(f"{self._base_name()} reconstruction", image, apix)
-            self._show_in_grid()
-            self._status("reconstruction at z = (" + ", ".join(f"{v:.3g}" for v in z) + "), pose zero")
+            self._show_view("reconstruction", image, apix, f"generator at {point}, pose zero")
+            self._status(f"reconstruction at {point}, pose zero")
 
-        return self._start(job, done, "reconstruction")
+        return self._start(job, done, "reconstruction", f"loading the model on {device} and decoding {point}...")
 
     def set_traversal_end(self, which: int, z=None) -> np.ndarray | None:
         """Store the traversal's start (``which=0``) or end (``1``): ``z`` or :meth:`current_latent`."""
@@ -654,18 +928,21 @@ class LatentExplorerWidget(QWidget):
         device = self.device_combo.currentText()
 
         def job():
-            yield ("status", f"decoding {steps} points on {device}...")
             model = self._model(device)
             images, _ = model.traverse(start, end, steps)
             return images, model.pixel_size
 
         def done(result):
             images, apix = result
-            self._set_layer(f"{self._base_name()} traversal", images, apix)
-            self._show_in_grid()
-            self._status(f"traversal of {steps} steps (slide the first axis)")
+            columns = steps if steps <= MAX_TRAVERSAL_ROW else montage_columns(steps)
+            cells = cell_origins(steps, columns, images.shape[-1])
+            texts = [f"{i + 1}/{steps}" for i in range(steps)]
+            self._show_view("traversal", montage(images, columns), apix,
+                            f"traversal: {steps} steps from start to end, pose zero", cells, texts,
+                            metadata={"particle_vae_cells": images})
+            self._status(f"traversal of {steps} steps, start to end, left to right")
 
-        return self._start(job, done, "traversal")
+        return self._start(job, done, "traversal", f"loading the model on {device} and decoding {steps} points...")
 
     # =============================================================================== export
 
@@ -734,48 +1011,123 @@ class LatentExplorerWidget(QWidget):
 
     # =============================================================================== workers
 
-    def _start(self, job: Callable, on_done: Callable, what: str):
-        """Run generator ``job`` in a thread; it yields ``("status", text)`` / ``("progress", done, total)`` and returns a result."""
+    def _start(self, job: Callable, on_done: Callable, what: str, doing: str, on_error: Callable | None = None):
+        """Run ``job`` in a thread and show ``doing`` in the status line while it runs.
+
+        ``job`` is a function returning the result, or a generator yielding
+        ``("progress", done, total)`` / ``("status", text)`` (a new ``doing``)
+        and returning it; ``on_done(result)`` runs in the GUI thread,
+        ``on_error(exception)`` too when the job fails (after the one-line
+        notification). Returns the worker.
+        """
         from superqt.utils import create_worker
 
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_yield)
+        task = next(self._task_ids)
+        self._tasks[task] = doing
+        if hasattr(worker, "yielded"):
+            worker.yielded.connect(lambda message: self._on_yield(task, message))
         worker.returned.connect(on_done)
-        worker.errored.connect(lambda error: self._error(_one_line(error, what)))
+
+        def failed(error):
+            self._tasks.pop(task, None)
+            self._error(_one_line(error, what))
+            if on_error is not None:
+                on_error(error)
+
+        worker.errored.connect(failed)
         worker.finished.connect(lambda: self._finished(worker))
-        self._workers.add(worker)
+        self._workers[worker] = task
         self.busy += 1
         self.progress.setRange(0, 0)  # busy indicator until a progress value arrives
+        self._render_status()
         worker.start()
         return worker
 
-    def _on_yield(self, message):
-        if message[0] == "status":
-            self._status(message[1])
+    def _on_yield(self, task: int, message):
+        if message[0] == "status" and task in self._tasks:
+            self._tasks[task] = message[1]
+            self._render_status()
         elif message[0] == "progress":
             self.progress.setRange(0, int(message[2]))
             self.progress.setValue(int(message[1]))
 
     def _finished(self, worker):
-        self._workers.discard(worker)
+        task = self._workers.pop(worker, None)
+        self._tasks.pop(task, None)
+        if task == self._embedding_task:
+            self._embedding_task = None
         self.busy = max(0, self.busy - 1)
         if self.busy == 0:
             self.progress.setRange(0, 1)
             self.progress.setValue(1)
+        self._render_status()
+
+    @property
+    def computing(self) -> list[str]:
+        """What the worker threads whose results are still wanted are computing now (the status line while busy)."""
+        return list(self._tasks.values())
 
     def _status(self, text: str):
-        self.status_label.setText(text)
+        """Record a result or message; the status line shows it once nothing is being computed."""
+        self._last_message = text
+        self._render_status()
+
+    def _render_status(self):
+        self.status_label.setText("; ".join(self._tasks.values()) if self._tasks else self._last_message)
 
     def _error(self, text: str):
         from napari.utils.notifications import show_error
 
-        self.status_label.setText(text)
+        self._status(text)
         show_error(f"particle-vae: {text}")
 
     def closeEvent(self, event):
         for worker in list(self._workers):
             worker.quit()
         super().closeEvent(event)
+
+
+def _describe_embedding(embedding: scatter.Embedding) -> str:
+    """What the plot shows, for the status line."""
+    count = f"{len(embedding):,} particles"
+    if embedding.kind == "pca":
+        return f"PCA of the latents, {embedding.labels[0]} against {embedding.labels[1]}, {count}"
+    if embedding.kind == "tsne":
+        return f"t-SNE of the latents of {count}"
+    x, y = embedding.labels
+    return f"{y} against {x}, {count}" if y else f"{x}, {count}"
+
+
+def _display_range(image: np.ndarray) -> tuple[float, float]:
+    """Contrast limits: the 0.5th and 99.5th percentiles of ``image`` (a flat image gets a range of 1)."""
+    finite = np.asarray(image)[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _text_size(size: float) -> dict:
+    """Text settings for a font ``size`` in data units: scaled with the zoom where napari can, else a fixed size."""
+    from napari.layers.utils.text_manager import TextManager
+
+    fields = getattr(TextManager, "model_fields", None) or getattr(TextManager, "__fields__", {})
+    if "scaling" in fields:
+        return {"size": float(size), "scaling": True}
+    return {"size": float(min(size, 10.0))}
+
+
+def _layer_named(viewer, name: str):
+    """The viewer's layer called ``name``, or ``None`` (napari's layer list has no ``get``)."""
+    return next((layer for layer in viewer.layers if layer.name == name), None)
+
+
+def _extent(layer) -> tuple[float, float]:
+    """``(height, width)`` of a layer's last two axes in world units (Angstrom): pixels times scale."""
+    shape = layer.data.shape
+    scale = layer.scale
+    return float(shape[-2] * scale[-2]), float(shape[-1] * scale[-1])
 
 
 def _one_line(error: BaseException, what: str) -> str:
