@@ -19,12 +19,13 @@ from particle_vae.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Part
 COMMANDS = {
     "simulate": ("simulate", "simulate a cryo-EM particle stack with known poses, CTF and noise"),
     "make-benchmark": ("make_benchmark", "write a paper benchmark set (MNIST(N)/(U), SO(2)/SE(2)) as MRC stack + STAR"),
-    "info": ("info", "summarise a STAR file or MRC stack"),
+    "info": ("info", "summarise a STAR file, a cryoSPARC .cs file or an MRC stack"),
     "cache": ("cache", "preprocess particles once into one contiguous cache file for training (train --cache)"),
     "train": ("train", "train a model (TARGET-VAE) on particles or a paper benchmark; writes a run directory"),
     "infer": ("infer", "write per-particle poses and latents of a trained run to a STAR file"),
     "analyze": ("analyze", "cluster inferred latents; class averages, plots and a clustered STAR"),
     "select": ("select", "write a subset of a STAR by class number or a box in latent space"),
+    "export": ("export", "write particles back for RELION (.star) or cryoSPARC (.cs), from a STAR or a .cs file"),
 }
 
 log = logging.getLogger("particle_vae")
@@ -83,7 +84,8 @@ class _StoreInto(argparse.Action):
 
 def add_stack_dir_option(parser: argparse._ActionsContainer, help_text: str = "folder holding the particle stacks that the STAR's rlnImageName names, "
                                                   "e.g. the RELION project folder (default: paths relative to the STAR's "
-                                                  "folder)") -> None:
+                                                  "folder); for a cryoSPARC .cs input, the cryoSPARC project folder that "
+                                                  "blob/path is relative to") -> None:
     """``--stack-dir FOLDER`` (``args.stack_dir``), with the old spelling ``--datadir`` accepted but not shown.
 
     The dest of the old spelling starts with ``_`` so that relaunching the command
@@ -92,6 +94,15 @@ def add_stack_dir_option(parser: argparse._ActionsContainer, help_text: str = "f
     parser.add_argument("--stack-dir", dest="stack_dir", type=Path, metavar="FOLDER", help=help_text)
     parser.add_argument("--datadir", dest="_datadir_spelling", action=_StoreInto, target="stack_dir", type=Path,
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_project_dir_option(parser: argparse._ActionsContainer) -> None:
+    """``--project-dir FOLDER`` (``args.project_dir``): the folder that the output's ``rlnImageName``
+    resolves from (:func:`particle_vae.io.paths.project_folder`)."""
+    parser.add_argument("--project-dir", dest="project_dir", type=Path, metavar="FOLDER",
+                        help="the folder RELION runs in (the RELION project folder): the output's rlnImageName names "
+                             "the stacks relative to it, or absolutely for stacks outside it "
+                             "(default: the current folder)")
 
 
 def add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:

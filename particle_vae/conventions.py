@@ -63,6 +63,7 @@ __all__ = [
     "undo_relion_pose",
     "move_objects",
     "euler_to_matrix",
+    "matrix_to_euler",
 ]
 
 
@@ -337,6 +338,36 @@ def euler_to_matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
     mat[:, 2, 1] = ss
     mat[:, 2, 2] = cb
     return mat
+
+
+def matrix_to_euler(matrices) -> np.ndarray:
+    """RELION Euler angles ``(rot, tilt, psi)`` in degrees of rotation matrices ``A``;
+    the inverse of :func:`euler_to_matrix`.
+
+    ``tilt`` lies in ``[0, 180]``, ``rot`` and ``psi`` in ``(-180, 180]``; for
+    ``tilt`` 0 or 180 (``rot`` and ``psi`` then turn about the same axis) the
+    whole in-plane turn is put in ``psi`` and ``rot`` is 0, as RELION does.
+
+    Args:
+        matrices: ``(3, 3)`` or ``(B, 3, 3)`` rotation matrices.
+    Returns:
+        ``(B, 3)`` float64 array of degrees.
+    """
+    mat = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
+    sin_tilt = np.hypot(mat[:, 2, 0], mat[:, 2, 1])
+    tilt = np.arctan2(sin_tilt, mat[:, 2, 2])
+    rot = np.arctan2(mat[:, 2, 1], mat[:, 2, 0])
+    psi = np.arctan2(mat[:, 1, 2], -mat[:, 0, 2])
+    pole = sin_tilt < 1e-9
+    upright = pole & (mat[:, 2, 2] > 0)
+    rot[pole] = 0.0
+    psi[upright] = np.arctan2(mat[upright, 0, 1], mat[upright, 0, 0])
+    flipped = pole & ~upright
+    psi[flipped] = np.arctan2(mat[flipped, 0, 1], -mat[flipped, 0, 0])
+    angles = np.degrees(np.stack([rot, tilt, psi], axis=1))
+    for column in (0, 2):  # (-180, 180], as wrap_angle
+        angles[:, column] = 180.0 - np.mod(180.0 - angles[:, column], 360.0)
+    return angles
 
 
 def _np(value):

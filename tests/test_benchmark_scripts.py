@@ -75,6 +75,21 @@ def test_mnist_benchmark_script_runs_at_toy_size(tmp_path, data_root):
     assert "| target-vae |" in (tmp_path / "results.md").read_text()
 
 
+def test_elbo_per_epoch_script_accumulates_settings_at_toy_size(tmp_path, data_root):
+    script = load_script("elbo_per_epoch")
+    out = tmp_path / "elbo.json"
+    toy = ["--data-dir", str(data_root), "--out", str(out), "--n", "40", "--epochs", "2", "--batch-size", "10",
+           "--fields", "4", "--gen-hidden", "16", "--fourier-features", "8"]
+    fixed = script.main([*toy, "--label", "fixed"])
+    trained = script.main([*toy, "--label", "trained", "--learnable-fourier", "--no-subpixel", "--extra-validation", "10"])
+    assert [row["epoch"] for row in fixed["epochs"]] == [1, 2]
+    assert all(row["val_elbo"] < 0 and row["train_elbo"] < 0 for row in fixed["epochs"] + trained["epochs"])
+    assert "train_kl_offset" in fixed["epochs"][0] and "train_kl_offset" not in trained["epochs"][0]
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"fixed", "trained"} and saved["trained"]["settings"]["extra_validation"] == 10
+    assert "| 2 |" in script.table(saved)
+
+
 def test_throughput_script_runs_at_toy_size():
     rows = load_script("throughput").main(["--configs", "particle-32", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
     assert rows[0]["train_images_per_s"] > 0 and rows[0]["infer_particles_per_s"] > 0 and rows[0]["peak_memory_mb"] > 0

@@ -292,7 +292,9 @@ def test_write_benchmark_files(small_sets, tmp_path):
     table = star.particles
     for column in TRUTH_COLUMNS:
         assert column in table.columns
-    assert table["rlnImageName"].iloc[0] == "000001@bench.mrcs"
+    assert table["rlnImageName"].iloc[0] == f"000001@{files.stack}"  # outside the current folder: absolute
+    assert write_benchmark(data, tmp_path / "p" / "out", "bench", project_dir=tmp_path / "p") and \
+        ParticleStar(tmp_path / "p" / "out" / "bench.star").particles["rlnImageName"].iloc[0] == "000001@out/bench.mrcs"
     np.testing.assert_allclose(table["pvaeTrueAlphaDeg"], np.degrees(data.alpha))
     np.testing.assert_allclose(table["pvaeTrueOriginXAngst"], -2.0 * data.displacement[:, 0])
     np.testing.assert_allclose(table["pvaeTrueOriginYAngst"], -2.0 * data.displacement[:, 1])

@@ -35,18 +35,21 @@ What is checked, against the simulator's ground truth:
 The CTF is left out (``--no-ctf``): with it (defocus 1.4-2.0 um) similar
 training reached 91-94% and blurred T20S averages, see docs/benchmarks.md.
 
-Known fragility (docs/benchmarks.md): the outcome depends on the training
-trajectory. With these settings training seed 0 gives 97-98% and seed 1
-100% (on one or two torch threads), but seed 2 gives about 60%; 600 particles
-and 8 epochs with seed 0 gave 97.8% on two threads and 75% on one. A failure
-of this test after a change to the models or the trainer is therefore worth
-re-running with another seed before concluding, and a fix that makes every
-seed pass is wanted.
+Known fragility (docs/benchmarks.md, "The result depends on the training
+trajectory"): the outcome depends on the training seed. With the tiny preset
+(learning rate 1e-3, one thread) seeds 0-4 give 97-98%, 100%, 61%, 100% and
+99.9%: seed 2 fails (its rotation and sub-pixel offset KL terms jump in the
+third epoch and the latent stops carrying the protein). Halving the learning
+rate rescues seed 2 (98.1%) but breaks seed 4 (77.6%: it keeps about 26 nats
+in the rotation offset instead), so no learning rate makes every seed pass yet. The suite
+trains seed 0; ``PARTICLE_VAE_MIXTURE_SEEDS=0,1,2,3,4 python -m pytest
+tests/test_mixture.py`` runs every check for each of the five seeds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,13 +64,15 @@ from particle_vae.io.star import ParticleStar
 N_PARTICLES = 1200
 SIMULATE = ["--n", str(N_PARTICLES), "--box", "32", "--pixel-size", "8", "--views", "top", "--snr", "10", "--no-ctf",
             "--write-clean", "--seed", "0", "--no-progress"]
-TRAIN = ["--preset", "tiny", "--batch-size", "16", "--epochs", "6", "--seed", "0"]
+TRAIN = ["--preset", "tiny", "--batch-size", "16", "--epochs", "6"]
+#: training seeds to run (module docstring): the suite's is 0; PARTICLE_VAE_MIXTURE_SEEDS=0,1,2,3,4 runs five
+TRAINING_SEEDS = [int(seed) for seed in os.environ.get("PARTICLE_VAE_MIXTURE_SEEDS", "0").split(",")]
 SHARPNESS = 0.85
 UPRIGHT = 0.5  # share of the truth's anisotropy kept by the T20S average
 
 
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory, data_root):
+@pytest.fixture(scope="module", params=TRAINING_SEEDS, ids=lambda seed: f"seed{seed}")
+def mixture(request, tmp_path_factory, data_root):
     """Simulated mixture, a small model trained on it, its inferred STAR and the analysis.
 
     Trained on one torch thread whatever the test order: the outcome depends on the
@@ -75,19 +80,19 @@ def mixture(tmp_path_factory, data_root):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield _make_mixture(tmp_path_factory, data_root)
+        yield _make_mixture(tmp_path_factory, data_root, request.param)
     finally:
         torch.set_num_threads(threads)
 
 
-def _make_mixture(tmp_path_factory, data_root):
-    root = tmp_path_factory.mktemp("easy_mixture")
+def _make_mixture(tmp_path_factory, data_root, seed: int):
+    root = tmp_path_factory.mktemp(f"easy_mixture_seed{seed}")
     structures = data_root / "structures"
     sim = root / "sim"
     assert cli.main(["-q", "simulate", "--structure", str(structures / "t20s_3j9i.pdb"), str(structures / "groel_1oel.pdb"),
                      *SIMULATE, "--data-dir", str(data_root), "--out", str(sim)]) == 0
     run = root / "run"
-    assert cli.main(["-q", "train", str(sim / "particles.star"), *TRAIN, "--out", str(run)]) == 0
+    assert cli.main(["-q", "train", str(sim / "particles.star"), *TRAIN, "--seed", str(seed), "--out", str(run)]) == 0
     star = root / "particles_vae.star"
     # --no-refine: the checks below are about the model's own frame (its generator's drawing at pose zero)
     assert cli.main(["-q", "infer", str(run), "--out", str(star), "--no-refine"]) == 0

@@ -1,7 +1,8 @@
 """Aligned class averages, a particle gallery per class, and images drawn by the generator.
 
 Alignment uses the pose written in the STAR (RELION convention, see
-:mod:`particle_vae.conventions`): each particle is centred and turned upright
+:mod:`particle_vae.conventions`; infer's ``pvaeAnglePsi``,
+``pvaeOriginX/YAngst`` when present, see :func:`relion_poses`): each particle is centred and turned upright
 with :func:`~particle_vae.conventions.undo_relion_pose`, ``c(y) = obs(R(-psi) y - o)``
 (the shift as an exact Fourier phase ramp, the rotation by interpolation).
 The class average of cluster ``j`` is the pixel-wise mean of the aligned
@@ -45,10 +46,23 @@ log = logging.getLogger(__name__)
 PSI = "rlnAnglePsi"
 ORIGIN_ANGST = ("rlnOriginXAngst", "rlnOriginYAngst")
 ORIGIN_PX = ("rlnOriginX", "rlnOriginY")
+#: where ``particle-vae infer`` writes its in-plane pose beside a 3D refinement's (same convention and units)
+PVAE_PSI = "pvaeAnglePsi"
+PVAE_ORIGIN_ANGST = ("pvaeOriginXAngst", "pvaeOriginYAngst")
+
+
+def pose_psi_column(particles: pd.DataFrame) -> str | None:
+    """The column holding the in-plane pose's psi: ``pvaeAnglePsi`` when present (infer's pose
+    beside a 3D refinement), else ``rlnAnglePsi``; ``None`` when neither is there."""
+    return PVAE_PSI if PVAE_PSI in particles.columns else PSI if PSI in particles.columns else None
 
 
 def relion_poses(particles: pd.DataFrame, pixel_size: float | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """In-plane RELION poses of a particle table.
+    """In-plane poses of a particle table, in RELION's convention.
+
+    Read from ``pvaeAnglePsi``, ``pvaeOriginXAngst/YAngst`` when the table has
+    ``pvaeAnglePsi`` (infer writes its pose there for inputs with 3D angles),
+    otherwise from ``rlnAnglePsi`` and the RELION origins.
 
     Args:
         particles: the STAR's particle block.
@@ -56,12 +70,16 @@ def relion_poses(particles: pd.DataFrame, pixel_size: float | None = None) -> tu
             convert RELION 3.0 ``rlnOriginX/Y`` (pixels) to Angstrom.
     Returns:
         ``(psi_deg (N,), origin_angst (N, 2))`` float64, or ``None`` when the
-        table has no ``rlnAnglePsi``. Missing origins are taken as zero.
+        table has neither psi column. Missing origins are taken as zero.
     """
-    if PSI not in particles.columns:
+    column = pose_psi_column(particles)
+    if column is None:
         return None
-    psi = particles[PSI].to_numpy(dtype=np.float64)
-    if all(c in particles.columns for c in ORIGIN_ANGST):
+    psi = particles[column].to_numpy(dtype=np.float64)
+    if column == PVAE_PSI:
+        origin = (particles[list(PVAE_ORIGIN_ANGST)].to_numpy(dtype=np.float64)
+                  if all(c in particles.columns for c in PVAE_ORIGIN_ANGST) else np.zeros((len(psi), 2)))
+    elif all(c in particles.columns for c in ORIGIN_ANGST):
         origin = particles[list(ORIGIN_ANGST)].to_numpy(dtype=np.float64)
     elif all(c in particles.columns for c in ORIGIN_PX) and pixel_size is not None:
         origin = particles[list(ORIGIN_PX)].to_numpy(dtype=np.float64) * float(pixel_size)

@@ -4,10 +4,12 @@ INPUT is a STAR written by `particle-vae infer` (it has pvaeZ1..k columns), or
 a run directory together with --star. The latent means are clustered (k-means,
 Gaussian mixture or Ward; --k auto scores a range of k), and OUT receives:
 
-  clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based)
+  clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based); rlnImageName
+                             resolves from the folder RELION runs in (--project-dir, default the current one)
   analysis.json              method, k (with --k auto: how strongly the data support it), scores,
                              per-class counts, settings, files
-  class_averages.mrcs/.star  per class, the mean of its particles with the written pose undone
+  class_averages.mrcs/.star  per class, the mean of its particles with the written pose undone (pvaeAnglePsi,
+                             pvaeOriginX/YAngst when infer put its pose there, else the RELION columns)
                              (then centred on its centre of mass, origins updated; --no-center: not)
   class_averages.png         the averages (and, with a run, the decoded cluster centres)
   cluster_centres.mrcs       with a run: the generator at each cluster centre, pose zero (centred on its
@@ -47,7 +49,7 @@ def _k_value(text: str):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from particle_vae.cli import add_stack_dir_option
+    from particle_vae.cli import add_project_dir_option, add_stack_dir_option
 
     parser.add_argument("input", type=Path, help="STAR written by particle-vae infer, or a run directory (then give --star)")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output folder")
@@ -74,6 +76,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="keep the class averages where the poses put them; by default each aligned average is moved "
                              "to put its centre of mass on the box centre and the particles' origins are changed to match")
     add_stack_dir_option(parser)
+    add_project_dir_option(parser)
     parser.add_argument("--pixel-size", type=float, metavar="A",
                         help="the particles' pixel size, Angstrom (default: the STAR's, else the stack header's)")
     parser.add_argument("--batch-size", type=int, default=256, help="particles read at once")
@@ -113,10 +116,12 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.io.atomic import atomic_write_text, check_output_path
     from particle_vae.io.infer_pair import check_pair
     from particle_vae.io.mrc import write_stack
+    from particle_vae.io.paths import project_folder, project_names_for_star, stack_name_for_project
     from particle_vae.io.star import ParticleStar, image_name, make_particle_star
 
     started = time.time()
     star_path, run_path = _resolve_inputs(args)
+    project = project_folder(args.project_dir)
     missing_npz = check_pair(star_path, allow_missing_npz=True)  # a STAR beside another infer run's .npz is refused
     if missing_npz:
         log.warning("%s; analyze goes on with the STAR alone", missing_npz)
@@ -218,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         source_apix = prepared.source.pixel_size if prepared.source is not None else None
         poses = _poses(star, star_path, source_apix)
         if poses is None:
-            log.warning("%s has no rlnAnglePsi: class averages are plain means (no pose to undo)", star_path)
+            log.warning("%s has no rlnAnglePsi (nor pvaeAnglePsi): class averages are plain means (no pose to undo)", star_path)
         elif image_pixel_size is None:
             raise InputFileError("no pixel size known to undo the shifts", star_path, "pass --pixel-size (Angstrom per pixel)")
         log.info("averaging %d particles in %d classes%s", n, k, " after undoing their poses" if poses is not None else "")
@@ -236,18 +241,22 @@ def main(args: argparse.Namespace) -> int:
         log.info("replacing the existing rlnClassNumber column")
     new_columns["rlnClassNumber"] = (labels + 1).astype(np.int64)
     if recentred is not None:
-        if "rlnOriginX" in star.particles.columns and "rlnOriginXAngst" not in star.particles.columns:
+        if avg.PVAE_PSI in star.particles.columns:  # infer's pose beside a 3D refinement's, which stays as it is
+            new_columns[avg.PVAE_ORIGIN_ANGST[0]] = np.round(recentred[:, 0], 6)
+            new_columns[avg.PVAE_ORIGIN_ANGST[1]] = np.round(recentred[:, 1], 6)
+        elif "rlnOriginX" in star.particles.columns and "rlnOriginXAngst" not in star.particles.columns:
             star_apix = prepared.source.pixel_size if prepared.source is not None else image_pixel_size
             new_columns["rlnOriginX"] = np.round(recentred[:, 0] / star_apix, 6)  # RELION 3.0: pixels of the STAR
             new_columns["rlnOriginY"] = np.round(recentred[:, 1] / star_apix, 6)
         else:
             new_columns["rlnOriginXAngst"] = np.round(recentred[:, 0], 6)
             new_columns["rlnOriginYAngst"] = np.round(recentred[:, 1], 6)
-    from particle_vae.engine.inference import relocated_names_for_star
-
     source = prepared.source if prepared is not None else None
-    new_columns = {**relocated_names_for_star(star_path, paths["star"].parent, args.stack_dir, source), **new_columns}
-    star.with_columns(new_columns).write(paths["star"], overwrite=True)
+    new_columns = {**project_names_for_star(star_path, project, args.stack_dir, source), **new_columns}
+    from particle_vae.engine.inference import kept_pose_text
+
+    # a 3D refinement's pose columns that analyze does not change keep their text byte for byte
+    star.with_columns({**kept_pose_text(star, new_columns), **new_columns}).write(paths["star"], overwrite=True)
     log.info("wrote %s (%d particles, rlnClassNumber 1..%d)", paths["star"], n, k)
 
     # ---- class averages and decoded centres ---------------------------------------------
@@ -268,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
         write_stack(paths["averages"], averages.averages, image_pixel_size, overwrite=True, inputs=inputs)
         optics = _optics_values(star)
         class_star = make_particle_star(
-            [image_name(j, paths["averages"].name) for j in range(k)], image_pixel_size or 1.0, box, **optics,
+            [image_name(j, stack_name_for_project(paths["averages"], project)) for j in range(k)], image_pixel_size or 1.0, box, **optics,
             columns={"rlnClassNumber": np.arange(1, k + 1), "rlnClassDistribution": np.round(averages.counts / n, 6),
                      "pvaeClassCount": averages.counts,
                      **{column: np.round(result.centres[:, i], 7) for i, column in enumerate(columns)}},

@@ -3,13 +3,19 @@
 By default the model's poses are then refined by a likelihood search against
 class references (seeded by k-means groups of the latents and the model's
 poses, each particle scored with its own CTF; a few EM iterations, as in 2D
-classification), and the refined poses are written to the RELION columns with
-their uncertainty (pvaeAnglePsiStd, degrees) and class (pvaeRefineClass);
+classification), and the refined poses are written to the RELION columns (the
+pvae ones for inputs with 3D angles, below) with their uncertainty (pvaeAnglePsiStd, degrees) and class (pvaeRefineClass);
 --no-refine writes the model's own poses.
 
 The STAR keeps every input column and the optics block (a RELION 3.0 input is
 upgraded to 3.1) and adds or replaces rlnAnglePsi, rlnOriginXAngst/YAngst and
-the pvae* latent and confidence columns (see docs/training.md). The origins
+the pvae* latent and confidence columns (see docs/training.md). An input with
+3D angles (rlnAngleRot/rlnAngleTilt, e.g. from a 3D refinement) keeps every
+RELION pose column exactly as written and gets the in-plane pose in
+pvaeAnglePsi, pvaeOriginXAngst/YAngst instead (--poses-to-relion-columns:
+into the RELION columns). rlnImageName names the stacks relative to the
+folder RELION runs in (--project-dir, default the current folder), so that
+relion_stack_create --i OUT works from there. The origins
 centre each particle: on the centre of mass of the aligned particles of each
 latent group (--no-center: the model's own origins, relative to the generator's
 drawing, which may sit a few pixels off the box centre). A .npz with the same numbers is written beside it. Example:
@@ -25,7 +31,7 @@ from pathlib import Path
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from particle_vae.cli import add_stack_dir_option
+    from particle_vae.cli import add_project_dir_option, add_stack_dir_option
 
     parser.add_argument("run", type=Path, help="run directory written by particle-vae train")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output STAR file (a .npz is written beside it)")
@@ -41,6 +47,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32, or bf16 autocast: 2-3x faster on GPUs and CPUs with bf16 instructions, "
                              "latents to about 3 significant digits")
+    parser.add_argument("--poses-to-relion-columns", action="store_true",
+                        help="when the input has 3D angles (rlnAngleRot/rlnAngleTilt), write the in-plane pose into "
+                             "rlnAnglePsi, rlnOriginXAngst/YAngst instead of pvaeAnglePsi, pvaeOriginXAngst/YAngst "
+                             "(replacing the refinement's psi and origins; 2D inputs always get the RELION columns)")
+    add_project_dir_option(parser)
     parser.add_argument("--no-center", action="store_true",
                         help="write the model's own origins (relative to its drawing at pose zero, which may sit a few pixels "
                              "off the box centre) instead of origins that centre each particle")
@@ -91,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
                   device=args.device, num_workers=args.workers, datadir=args.stack_dir, pixel_size=args.pixel_size,
                   overwrite=args.overwrite, context=context, bf16=args.precision == "bf16",
-                  center=not args.no_center, refine=refine, refine_classes=args.refine_classes, refine_box=args.refine_box)
+                  center=not args.no_center, refine=refine, refine_classes=args.refine_classes, refine_box=args.refine_box,
+                  project_dir=args.project_dir, poses_to_relion_columns=args.poses_to_relion_columns)
     finally:
         ddp.cleanup(context)
     return 0

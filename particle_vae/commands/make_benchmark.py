@@ -5,7 +5,8 @@ rotation N(0, (pi/4)^2) or U(0, 2pi), shift N(0, 5^2) px per axis); so2 and se2
 are MCE-VAE's SO(2)- and SE(2)-MNIST (28x28, rotation U(-90, 90) degrees, SE(2)
 also shift U(-7, 7) px per axis). For each split this writes NAME_SPLIT.mrcs (the
 images), NAME_SPLIT.star (RELION 3.1, with the true label and pose in pvaeTrue*
-columns) and NAME_SPLIT.json (how the set was drawn). MNIST is read from local
+columns; rlnImageName relative to --project-dir, default the current folder)
+and NAME_SPLIT.json (how the set was drawn). MNIST is read from local
 IDX files (--mnist-dir, or the mnist/ folder of --data-dir / $PARTICLE_VAE_DATA).
 """
 
@@ -19,6 +20,7 @@ from particle_vae.data.benchmarks import BENCHMARKS, benchmark_paths, make_bench
 from particle_vae.data.mnist import MNIST_FILES, SPLIT_SIZES, find_mnist_file, resolve_mnist_dir
 from particle_vae.errors import ParticleVAEError
 from particle_vae.io.atomic import check_output_path
+from particle_vae.io.paths import project_folder
 
 log = logging.getLogger("particle_vae.make_benchmark")
 
@@ -39,6 +41,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="Angstrom per pixel written to the MRC header and STAR")
     parser.add_argument("--name", default=None, metavar="STEM",
                         help="file name stem; files are STEM_SPLIT.* (default: the kind, e.g. mnist_n)")
+    from particle_vae.cli import add_project_dir_option
+
+    add_project_dir_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -60,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.pixel_size > 0:
         raise ParticleVAEError(f"--pixel-size {args.pixel_size} is not positive", None, "pass Angstrom per pixel, e.g. 1.0")
     mnist_root = resolve_mnist_dir(args.mnist_dir, args.data_dir)
+    project = project_folder(args.project_dir)
     stem = args.name or args.kind.replace("-", "_")
 
     # Check every input and output before the (long) rendering starts.
@@ -73,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     for split in splits:
         dataset = make_benchmark(args.kind, mnist_root, split, seed=args.seed, n=args.n, progress=show_progress)
         files = write_benchmark(dataset, args.out, f"{stem}_{split}", pixel_size=args.pixel_size,
-                                overwrite=args.overwrite, inputs=all_inputs)
+                                overwrite=args.overwrite, inputs=all_inputs, project_dir=project)
         log.info("wrote %s %s: %d images of %dx%d px (seed %d) to %s, %s, %s", dataset.spec.title, split, len(dataset),
                  dataset.box, dataset.box, args.seed, files.stack, files.star, files.metadata)
     return 0

@@ -4,8 +4,9 @@ Keeps the chosen rows with all their columns, in input order, and the optics
 block, so the subset goes straight back into RELION. --classes picks
 rlnClassNumber values (as written by particle-vae analyze); --box keeps the
 particles with MIN <= value <= MAX on each of two columns (--columns, default
-pvaeZ1 pvaeZ2). Given both, a particle must pass both. The input is never
-overwritten. Examples:
+pvaeZ1 pvaeZ2). Given both, a particle must pass both. rlnImageName names the
+stacks relative to the folder RELION runs in (--project-dir, default the
+current folder). The input is never overwritten. Examples:
 
   particle-vae select analysis/clustered_particles.star --classes 1 3 --out good.star
   particle-vae select particles_vae.star --box -1 1 -0.5 2 --out region.star
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from particle_vae.cli import add_stack_dir_option
+    from particle_vae.cli import add_project_dir_option, add_stack_dir_option
 
     parser.add_argument("star", type=Path, help="particle STAR (e.g. clustered_particles.star from particle-vae analyze)")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output STAR file")
@@ -30,8 +31,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=float, nargs=4, metavar=("Z1MIN", "Z1MAX", "Z2MIN", "Z2MAX"),
                         help="keep particles inside this range of the two --columns (inclusive) (default: no range)")
     parser.add_argument("--columns", nargs=2, metavar=("COL1", "COL2"), help="columns of --box (default: pvaeZ1 pvaeZ2)")
-    add_stack_dir_option(parser, "folder holding the particle stacks that the STAR's rlnImageName names, to keep the names "
-                                 "valid beside the output (default: paths relative to the STAR's folder)")
+    add_stack_dir_option(parser, "folder holding the particle stacks that the STAR's rlnImageName names, to check and "
+                                 "rewrite the names for the project folder (default: paths relative to the STAR's folder)")
+    add_project_dir_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
 
 
@@ -47,6 +49,9 @@ def main(args: argparse.Namespace) -> int:
         raise ParticleVAEError("nothing to select: give --classes N [N ...] and/or --box Z1MIN Z1MAX Z2MIN Z2MAX")
     if args.columns is not None and args.box is None:
         raise ParticleVAEError("--columns names the columns of --box; give --box too")
+    from particle_vae.io.paths import project_folder, project_names_for_star
+
+    project = project_folder(args.project_dir)
     out = check_output_path(args.out, overwrite=args.overwrite, inputs=(args.star,))
     star = ParticleStar(args.star)
     particles = star.particles.reset_index(drop=True)
@@ -76,11 +81,12 @@ def main(args: argparse.Namespace) -> int:
         keep &= inside
     if not keep.any():
         raise ParticleVAEError(f"{args.star}: no particle matches the selection; widen --box or choose other --classes")
-    from particle_vae.engine.inference import relocated_names_for_star
+    from particle_vae.engine.inference import kept_pose_text
 
-    names = relocated_names_for_star(args.star, out.parent, args.stack_dir)
-    if names:
-        star = star.with_columns(names)
+    names = project_names_for_star(args.star, project, args.stack_dir)
+    kept = kept_pose_text(star, names)  # a 3D refinement's pose columns byte for byte, as the input has them
+    if names or kept:
+        star = star.with_columns({**names, **kept})
     subset = star.subset(keep)
     subset.write(out, overwrite=True)
     log.info("wrote %s (%d of %d particles, %d columns%s)", out, int(keep.sum()), len(particles), len(particles.columns),

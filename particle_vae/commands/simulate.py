@@ -1,7 +1,8 @@
 """Simulate a cryo-EM particle stack with known poses, classes, CTF and noise.
 
 Writes OUT/particles.mrcs and a RELION 3.1 OUT/particles.star (CTF columns and
-the ground truth in pvaeTrue* columns), OUT/simulation.json (settings and the
+the ground truth in pvaeTrue* columns; rlnImageName names the stack relative to
+the folder RELION runs in, --project-dir, default the current folder), OUT/simulation.json (settings and the
 measured SNR) and, with --write-clean, the noise-free OUT/clean.mrcs and the
 centred projections OUT/centred.mrcs (psi = 0, no shift, no CTF).
 
@@ -61,6 +62,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--batch-size", type=int, default=64, help="particles rendered at once; results do not depend on it")
     parser.add_argument("--data-dir", help="reference-data folder holding structures/ and cryoem/ (default: $PARTICLE_VAE_DATA)")
+    from particle_vae.cli import add_project_dir_option
+
+    add_project_dir_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -72,13 +76,14 @@ def main(args: argparse.Namespace) -> int:
         box=args.box, pixel_size=args.pixel_size, downsample_to=args.downsample_to, resolution=args.resolution,
         class_weights=args.class_weights, views=args.views, max_shift=args.max_shift,
         shift_distribution=args.shift_distribution, ctf=not args.no_ctf, bfactor=args.bfactor,
-        phase_shift=args.phase_shift, snr=None if math.isinf(args.snr) else args.snr, snr_mode=args.snr_mode,
+        phase_shift=args.phase_shift, snr=args.snr, snr_mode=args.snr_mode,  # inf: noise-free
         seed=args.seed, batch_size=args.batch_size, write_clean=args.write_clean,
     )
     log.info("simulating %d particles (%s): %s; %d px at %.4g A/px%s", config.n, config.preset,
              ", ".join(f"{s.name}={s.path}" for s in config.structures), config.box, config.pixel_size,
              f" -> {config.output_box} px at {config.output_pixel_size:.4g} A/px" if config.output_box != config.box else "")
-    result = run_simulation(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    result = run_simulation(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                            project_dir=args.project_dir)
     for name, path in result.files.items():
         log.info("wrote %s", path)
     if result.snr_measured is not None:

@@ -137,7 +137,8 @@ def _model_default(name: str, base_text: str | None = None) -> str:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", nargs="?", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
+    parser.add_argument("input", nargs="?", type=Path,
+                        help="particle .star, cryoSPARC particle .cs, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
     parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles (default: none)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
@@ -447,8 +448,9 @@ def _train(args, run: RunDirectory, preset: dict, config: dict, source=None, con
 
 
 def _ctf_provider(prepared, model):
-    """index (B,) -> CTF (B, N, N//2+1) at the model's box and pixel size."""
-    from particle_vae.data.ctf import ctf_from_table
+    """index (B,) -> CTF (B, N, N//2+1) at the model's box and pixel size, squared for
+    CTF-premultiplied particles (the factor the model's projection is multiplied by)."""
+    from particle_vae.data.ctf import effective_ctf
 
     if prepared.source is None or prepared.source.star is None:
         raise ParticleVAEError("--ctf needs a particle STAR file with CTF columns")
@@ -458,9 +460,13 @@ def _ctf_provider(prepared, model):
         raise ParticleVAEError("--ctf needs the pixel size: pass --pixel-size")
     table = prepared.source.star.ctf_parameters()
     box, apix = prepared.box, prepared.pixel_size
+    premultiplied = int(table["premultiplied"].sum())
+    if premultiplied:
+        log.info("%d of %d particles are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied = 1): the likelihood "
+                 "multiplies their projections by the CTF squared", premultiplied, len(table))
 
     def ctf_for(index):
-        return ctf_from_table(table.iloc[index.numpy()], box, apix)
+        return effective_ctf(table.iloc[index.numpy()], box, apix)
 
     return ctf_for
 

@@ -43,6 +43,7 @@ from particle_vae.data.mnist import MNIST_FILES, SPLIT_SIZES, load_mnist
 from particle_vae.errors import ParticleVAEError
 from particle_vae.io.atomic import atomic_write_text, check_output_path
 from particle_vae.io.mrc import StackWriter
+from particle_vae.io.paths import project_folder, stack_name_for_project
 from particle_vae.io.star import image_name, make_particle_star
 
 __all__ = [
@@ -505,11 +506,14 @@ def write_benchmark(
     overwrite: bool = False,
     inputs: tuple = (),
     batch_size: int = 8192,
+    project_dir: str | Path | None = None,
 ) -> BenchmarkFiles:
     """Write a set as ``name.mrcs`` + ``name.star`` (RELION 3.1) + ``name.json``.
 
     The STAR has one optics group (pixel size ``pixel_size``, image size
-    ``box``), ``rlnImageName`` = ``000001@name.mrcs``... and the ground truth in
+    ``box``), ``rlnImageName`` = ``000001@<the stack>``... (the stack named
+    relative to ``project_dir``, the folder RELION runs in, default the current
+    folder; absolutely when it lies outside, see :mod:`particle_vae.io.paths`) and the ground truth in
     the columns of :data:`TRUTH_COLUMNS`. Every file is written atomically; all
     three are checked before anything is written, so an existing output (without
     ``overwrite``) leaves the folder untouched.
@@ -521,6 +525,7 @@ def write_benchmark(
         pixel_size: Angstrom per pixel for the MRC header and the STAR.
         overwrite: replace existing outputs.
         inputs: paths that must never be overwritten (e.g. the MNIST files).
+        project_dir: see above.
     Returns:
         :class:`BenchmarkFiles` with the three paths.
     Raises:
@@ -546,7 +551,7 @@ def write_benchmark(
         "pvaeTrueOriginYAngst": origin_y,
         "pvaeSourceIndex": dataset.source_index.astype(np.int64),
     }
-    stack_name = files.stack.name
+    stack_name = stack_name_for_project(files.stack, project_folder(project_dir))
     names = [image_name(i, stack_name) for i in range(len(dataset))]
     star = make_particle_star(names, pixel_size=pixel_size, box=box, columns=columns)
     star.write(files.star, overwrite=overwrite)

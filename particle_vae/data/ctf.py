@@ -26,6 +26,14 @@ dark background at low resolution, like RELION-extracted particles (which are
 contrast-inverted during extraction).
 
 Defocus along the direction ``angle`` is ``U`` and perpendicular to it ``V``.
+
+**CTF-premultiplied particles.** RELION can store particles already multiplied
+by their CTF (``rlnCtfDataAreCtfPremultiplied = 1`` in the optics block; RELION
+5 writes the flag for every optics group). Such an image is
+``CTF * (CTF * projection + noise)``, so wherever a model is compared with the
+stored image the projection must be multiplied by ``CTF**2``, not by the CTF.
+:func:`effective_ctf` returns exactly the factor to use (``CTF`` or ``CTF**2``
+per particle); :func:`ctf_from_table` stays the physical CTF.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ __all__ = [
     "evaluate_ctf",
     "compute_ctf",
     "ctf_from_table",
+    "effective_ctf",
+    "premultiplied_ctf",
     "apply_ctf",
     "read_defocus_table",
     "sample_defocus",
@@ -233,6 +243,49 @@ def ctf_from_table(table: pd.DataFrame, box: int, pixel_size: float, rfft: bool 
                            voltage, cs, w, phase[rows], bfac[rows])
         out[torch.as_tensor(rows, device=kx.device)] = ctf.reshape((len(rows),) + tuple(kx.shape)).to(dtype)
     return out
+
+
+def premultiplied_ctf(ctf: torch.Tensor, premultiplied: bool | Sequence[bool] | np.ndarray) -> torch.Tensor:
+    """The factor a projection is multiplied by to match stored particles: ``ctf``
+    where the particles are plain, ``ctf**2`` where they are CTF-premultiplied.
+
+    Args:
+        ctf: ``(B, H, W')`` CTFs (any layout; a leading axis of 1 broadcasts).
+        premultiplied: one flag for all, or ``(B,)`` flags (RELION's ``rlnCtfDataAreCtfPremultiplied``).
+    Returns:
+        Tensor shaped like ``ctf``.
+    """
+    flags = np.array(premultiplied, dtype=bool).reshape(-1)  # a copy: pandas hands out read-only arrays
+    if not flags.any():
+        return ctf
+    if flags.all():
+        return ctf * ctf
+    if ctf.shape[0] != flags.size:
+        raise ValueError(f"{flags.size} premultiplied flags for {ctf.shape[0]} CTFs")
+    squared = torch.as_tensor(flags, device=ctf.device).reshape((-1,) + (1,) * (ctf.dim() - 1))
+    return torch.where(squared, ctf * ctf, ctf)
+
+
+def effective_ctf(table: pd.DataFrame, box: int, pixel_size: float, rfft: bool = True,
+                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The CTF as it acts on the stored particles of ``table``'s rows: :func:`ctf_from_table`,
+    squared for the rows whose ``premultiplied`` column is true (module docstring).
+
+    Use this, not :func:`ctf_from_table`, wherever a projection or a reference is
+    multiplied by the CTF to be compared with particle images (likelihoods, pose
+    search, Wiener sums).
+
+    Args:
+        table: rows of :meth:`particle_vae.io.star.ParticleStar.ctf_parameters`
+            (without a ``premultiplied`` column every row counts as plain).
+        box, pixel_size, rfft, device, dtype: as for :func:`ctf_from_table`.
+    Returns:
+        ``(len(table), box, box//2 + 1)`` (or ``(N, box, box)``) tensor.
+    """
+    ctf = ctf_from_table(table, box, pixel_size, rfft=rfft, device=device, dtype=dtype)
+    if "premultiplied" not in table:
+        return ctf
+    return premultiplied_ctf(ctf, table["premultiplied"].to_numpy(dtype=bool))
 
 
 def apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,11 @@ A *source* is what the user points the program at:
   STAR's folder or ``datadir``;
 * a bare image stack (``.mrcs``, ``.mrc``, ``.st``);
 * a ``.txt`` list of stack files, one per line, relative to the list's folder
-  (blank lines and lines starting with ``#`` are ignored).
+  (blank lines and lines starting with ``#`` are ignored);
+* a cryoSPARC particle file (``.cs``), read as the RELION particle STAR it
+  converts to (:mod:`particle_vae.io.cryosparc`); its ``blob/path`` entries are
+  relative to the cryoSPARC project folder (``datadir``, else found beside the
+  ``.cs`` file).
 
 :func:`open_source` reads only headers: it checks that every stack exists and
 is complete, that all images have the same box, and that every image a STAR
@@ -59,6 +63,7 @@ __all__ = [
 STACK_SUFFIXES = (".mrcs", ".mrc", ".st")
 _STAR_SUFFIXES = (".star",)
 _LIST_SUFFIXES = (".txt",)
+_CRYOSPARC_SUFFIXES = (".cs",)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class ParticleSource:
 
     Attributes:
         path: the file the user gave (STAR, stack or list).
-        kind: ``"star"``, ``"stack"`` or ``"list"``.
+        kind: ``"star"``, ``"stack"``, ``"list"`` or ``"cryosparc"`` (a ``.cs`` file).
         stack_paths: the stack files, one entry per stack (``S`` of them).
         stack_lengths: ``(S,)`` int64, number of images in each stack.
         stack_index: ``(N,)`` int64, which stack holds particle ``i``.
@@ -77,8 +82,9 @@ class ParticleSource:
         pixel_size: Angstrom per pixel, or ``None`` if nothing gives one.
         pixel_size_from: where ``pixel_size`` came from: ``"user"``,
             ``"star"``, ``"header"`` (the stack's MRC header) or ``"unknown"``.
-        star: the particle STAR (rows in the same order as the particles) or
-            ``None`` for stacks and lists; use it to write results back.
+        star: the particle STAR (rows in the same order as the particles; for a
+            ``.cs`` file the STAR it converts to) or ``None`` for stacks and
+            lists; use it to write results back.
     """
 
     path: Path
@@ -119,6 +125,8 @@ class ParticleSource:
         if self.pixel_size is not None:
             return None
         headers = "the MRC header gives" if self.n_stacks == 1 else "the MRC headers give"
+        if self.kind == "cryosparc":
+            return f"neither the .cs file (blob/psize_A) nor {headers} one"
         if self.kind == "star":
             return f"neither the STAR (rlnImagePixelSize, rlnPixelSize, rlnDetectorPixelSize/rlnMagnification) nor {headers} one"
         return "the MRC header of the stack gives none" if self.n_stacks == 1 else "the MRC headers of the stacks give none"
@@ -204,9 +212,11 @@ def open_source(
     """Open a STAR file, an image stack or a ``.txt`` list of stacks (headers only).
 
     Args:
-        path: ``.star``, ``.mrcs``/``.mrc``/``.st``, or ``.txt`` (one stack path per line).
+        path: ``.star``, ``.mrcs``/``.mrc``/``.st``, ``.txt`` (one stack path per
+            line) or a cryoSPARC ``.cs`` particle file.
         datadir: folder to look for the stacks named in a STAR's ``rlnImageName``
-            (the command line's ``--stack-dir``); ignored for stacks and lists.
+            (the command line's ``--stack-dir``); for a ``.cs`` file the cryoSPARC
+            project folder that ``blob/path`` is relative to; ignored for stacks and lists.
         pixel_size: Angstrom per pixel; overrides the STAR and the MRC header.
     Returns:
         A :class:`ParticleSource` whose particles are in input order (STAR rows,
@@ -233,6 +243,18 @@ def open_source(
         stacks = _open_headers(locations.stack_paths, None)
         stack_index = np.asarray(locations.stack_index, dtype=np.int64)
         image_index = np.asarray(locations.image_index, dtype=np.int64)
+    elif suffix in _CRYOSPARC_SUFFIXES:
+        from particle_vae.io.cryosparc import read_cryosparc_star, stack_not_found
+
+        kind = "cryosparc"
+        star = read_cryosparc_star(path, project_dir=datadir)
+        try:
+            locations = star.image_locations(None)  # the converted names are relative to the .cs file's folder
+        except InputFileError as error:
+            raise stack_not_found(star, datadir) or error from None
+        stacks = _open_headers(locations.stack_paths, None)
+        stack_index = np.asarray(locations.stack_index, dtype=np.int64)
+        image_index = np.asarray(locations.image_index, dtype=np.int64)
     elif suffix in STACK_SUFFIXES:
         kind = "stack"
         stacks = _open_headers([path], None)
@@ -247,7 +269,7 @@ def open_source(
     else:
         raise InputFileError(
             f"unrecognised input type '{path.suffix}'", path,
-            "give a particle .star file, an .mrcs/.mrc stack or a .txt list of stacks",
+            "give a particle .star file, a cryoSPARC particle .cs file, an .mrcs/.mrc stack or a .txt list of stacks",
         )
     box = _common_box(stacks, path)
     lengths = np.array([stack.n_images for stack in stacks], dtype=np.int64)

@@ -685,6 +685,7 @@ def run_simulation(
     overwrite: bool = False,
     progress: bool = True,
     densities: Sequence[np.ndarray] | None = None,
+    project_dir: str | Path | None = None,
 ) -> SimulationResult:
     """Simulate ``config.n`` particles and write them to ``out_dir``.
 
@@ -699,6 +700,8 @@ def run_simulation(
         config: settings; out_dir: output folder (created).
         overwrite: replace existing outputs. progress: show a tqdm bar.
         densities: optional pre-computed volumes (see :class:`Simulator`).
+        project_dir: the folder RELION runs in: ``rlnImageName`` names ``particles.mrcs``
+            relative to it, or absolutely when the stack lies outside it (default: the current folder).
     Returns:
         :class:`SimulationResult`.
     Raises:
@@ -708,10 +711,12 @@ def run_simulation(
 
     from particle_vae import __version__
     from particle_vae.io.mrc import StackWriter
+    from particle_vae.io.paths import project_folder, stack_name_for_project
     from particle_vae.io.star import image_name, make_particle_star
 
     began = time.perf_counter()
     validate_config(config)
+    project = project_folder(project_dir)
     out_dir = Path(out_dir)
     inputs = tuple(s.path for s in config.structures) + ((config.defocus_star,) if config.defocus_star else ())
     names = ["particles.mrcs", "particles.star", "simulation.json"] + (["clean.mrcs", "centred.mrcs"] if config.write_clean else [])
@@ -754,8 +759,9 @@ def run_simulation(
         writer.__exit__(None, None, None)
 
     params = sim.params
+    stack_name = stack_name_for_project(files["particles.mrcs"], project)
     star = make_particle_star(
-        [image_name(i, "particles.mrcs") for i in range(config.n)], pixel_size=apix, box=box, voltage=config.voltage,
+        [image_name(i, stack_name) for i in range(config.n)], pixel_size=apix, box=box, voltage=config.voltage,
         cs=config.cs, amplitude_contrast=config.amplitude_contrast, columns=_star_columns(config, params))
     star.write(files["particles.star"], overwrite=overwrite)
 

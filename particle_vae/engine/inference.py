@@ -14,6 +14,15 @@ Output columns (added to, or replacing those of, the input STAR):
   that its average's centre of mass is on the box centre (:func:`data_centres`),
   which is what RELION expects of an origin. The ``.npz`` keeps the model's
   own pose (``theta``, ``t_px``) and the shift applied (``centre_px``).
+  When the input has 3D angles (``rlnAngleRot``/``rlnAngleTilt``, a 3D
+  refinement), its RELION pose columns are written back as they were, byte
+  for byte, and the in-plane pose goes to ``pvaeAnglePsi``,
+  ``pvaeOriginXAngst``, ``pvaeOriginYAngst`` instead
+  (:func:`pose_target_columns`; ``--poses-to-relion-columns``: into the
+  RELION columns).
+* ``rlnImageName``: resolves from the project folder (the folder RELION runs
+  in; ``--project-dir``, default the current folder), absolute for stacks
+  outside it (:mod:`particle_vae.io.paths`).
 * ``pvaeZ1..k`` and ``pvaeZStd1..k``: latent posterior mean and std.
 * ``pvaePoseConfidence`` (max q(t, r)) and ``pvaeRotationEntropy`` (nats) for
   TARGET-VAE; other models add their own ``pvae*`` readouts.
@@ -32,11 +41,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -46,7 +55,7 @@ from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory
-from particle_vae.errors import ParticleVAEError
+from particle_vae.errors import InputFileError, ParticleVAEError
 from particle_vae.io.atomic import check_output_path
 from particle_vae.io.infer_pair import write_pair
 from particle_vae.io.star import ParticleStar, image_name, make_particle_star
@@ -239,55 +248,126 @@ def result_columns(result: InferenceResult, pixel_size: float, pose: bool = True
     return columns
 
 
-def output_star(prepared: PreparedData, columns: dict[str, np.ndarray], out_path: Path) -> ParticleStar:
-    """The input STAR (made RELION 3.1) with ``columns`` added, or a new STAR for stacks."""
+#: RELION's in-plane pose columns, as infer writes them for 2D inputs
+RELION_POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+#: where infer writes the in-plane pose instead when the input holds a 3D refinement
+PVAE_POSE_COLUMNS = ("pvaeAnglePsi", "pvaeOriginXAngst", "pvaeOriginYAngst")
+#: input columns whose presence marks 3D angles (a 3D refinement or 3D classification)
+ANGLES_3D = ("rlnAngleRot", "rlnAngleTilt")
+#: prefixes of the RELION pose columns (angles, origins and their priors) kept as written when infer does not write them
+RELION_POSE_PREFIXES = ("rlnAngle", "rlnOrigin")
+
+
+def has_3d_angles(star: ParticleStar | None) -> bool:
+    """Whether a particle STAR carries 3D angles (``rlnAngleRot`` or ``rlnAngleTilt``)."""
+    return star is not None and any(name in star.particles.columns for name in ANGLES_3D)
+
+
+def pose_target_columns(star: ParticleStar | None, to_relion: bool = False) -> tuple[str, str, str]:
+    """Where infer writes its in-plane pose (psi in degrees, origins in Angstrom), with one log line for 3D inputs.
+
+    A 2D input (no ``rlnAngleRot``/``rlnAngleTilt``) gets :data:`RELION_POSE_COLUMNS`; an input with 3D
+    angles keeps its RELION pose columns, and the pose goes to :data:`PVAE_POSE_COLUMNS`, unless
+    ``to_relion`` (``--poses-to-relion-columns``).
+    """
+    if not has_3d_angles(star):
+        return RELION_POSE_COLUMNS
+    if to_relion:
+        log.info("the input has 3D angles (%s): the in-plane pose goes into %s as asked (--poses-to-relion-columns), "
+                 "beside the input's rlnAngleRot/rlnAngleTilt, which are kept",
+                 "/".join(n for n in ANGLES_3D if n in star.particles.columns), ", ".join(RELION_POSE_COLUMNS))
+        return RELION_POSE_COLUMNS
+    log.info("the input has 3D angles (%s): its RELION pose columns are kept as they are and the in-plane pose goes to %s "
+             "(--poses-to-relion-columns: into %s instead)", "/".join(n for n in ANGLES_3D if n in star.particles.columns),
+             ", ".join(PVAE_POSE_COLUMNS), ", ".join(RELION_POSE_COLUMNS))
+    return PVAE_POSE_COLUMNS
+
+
+def pose_columns_renamed(columns: dict[str, np.ndarray], target: tuple[str, str, str]) -> dict[str, np.ndarray]:
+    """``columns`` with :data:`RELION_POSE_COLUMNS` renamed to ``target`` (same order, values untouched)."""
+    names = dict(zip(RELION_POSE_COLUMNS, target))
+    return {names.get(name, name): values for name, values in columns.items()}
+
+
+def verbatim_column_text(star_path: Path, block: str, names: list[str], rows: int) -> dict[str, np.ndarray]:
+    """The text of columns ``names`` of loop ``block`` exactly as written in the STAR file.
+
+    Returns:
+        name -> ``(rows,)`` object array of strings; ``{}`` (with a warning, the values
+        are then written in their shortest exact form) when the file cannot give them.
+    """
+    import starfile
+
+    if not names:
+        return {}
+    try:
+        blocks = starfile.read(star_path, always_dict=True, parse_as_string=list(names))
+    except TypeError:  # a starfile without parse_as_string
+        log.warning("%s: the pose columns are rewritten in their shortest form (same values): this starfile "
+                    "version cannot read columns as text", star_path)
+        return {}
+    table = blocks.get(block)
+    if not isinstance(table, pd.DataFrame) or len(table) != rows or not all(name in table.columns for name in names):
+        log.warning("%s: the pose columns are rewritten in their shortest form (same values): the file changed since it was read",
+                    star_path)
+        return {}
+    return {name: table[name].astype(str).to_numpy(dtype=object) for name in names}
+
+
+def kept_pose_text(star: ParticleStar, written: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For a STAR with 3D angles (:func:`has_3d_angles`, a refinement's pose), its RELION pose columns
+    (angles, origins, priors; 3.0 and 3.1 names) that are not in ``written``, as their original text,
+    so that they are written back byte for byte; ``{}`` for other STARs (their values are written in
+    the shortest form that reads back the same, which spares reading the file again).
+
+    RELION 3.0 origins in pixels (``rlnOriginX/Y``) are kept beside the Angstrom ones of the 3.1
+    output, which RELION 3.1 reads (it ignores the pixel ones); they are left out when ``written``
+    has ``rlnOriginXAngst/YAngst``, since they would then disagree.
+    """
+    if not has_3d_angles(star):
+        return {}
+    names = [str(name) for name in star.particles.columns if str(name).startswith(RELION_POSE_PREFIXES) and name not in written]
+    if "rlnOriginXAngst" in written:
+        names = [name for name in names if name not in ("rlnOriginX", "rlnOriginY", "rlnOriginZ")]
+    if not names or star.path is None:
+        return {}
+    text = verbatim_column_text(star.path, star.particles_block, names, len(star))
+    for name, values in text.items():  # the text must still be what is in memory (the file may have changed)
+        try:
+            same = np.allclose(values.astype(np.float64), star.particles[name].to_numpy(dtype=np.float64), rtol=1e-12, atol=0.0,
+                               equal_nan=True)
+        except (TypeError, ValueError):
+            same = np.array_equal(values, star.particles[name].astype(str).to_numpy(dtype=object))
+        if not same:
+            log.warning("%s: the pose columns are rewritten in their shortest form: %s differs from the file's text",
+                        star.path, name)
+            return {}
+    return text
+
+
+def output_star(prepared: PreparedData, columns: dict[str, np.ndarray], out_path: Path,
+                project: Path | None = None) -> ParticleStar:
+    """The input STAR (made RELION 3.1) with ``columns`` added, or a new STAR for stacks.
+
+    ``rlnImageName`` resolves from ``project`` (the folder RELION runs in; default: the current
+    folder, :mod:`particle_vae.io.paths`). When the input has 3D angles, its RELION pose columns that
+    ``columns`` does not replace are written with their original text (:func:`kept_pose_text`).
+    """
+    from particle_vae.io.paths import project_folder, project_names_for_source, stack_name_for_project
+
     source = prepared.source
     if source is None:
         raise ParticleVAEError("inference needs particles on disk: pass --particles (e.g. a set written by make-benchmark)")
+    project = project_folder(project)
     if source.star is not None:
         star = source.star.to_relion31(pixel_size=source.pixel_size, image_size=source.box)
-        return star.with_columns({**relocated_image_names(source, out_path.parent), **columns})
+        kept = kept_pose_text(source.star, columns)
+        return star.with_columns({**project_names_for_source(source, project), **kept, **columns})
     if source.pixel_size is None:
         raise ParticleVAEError(f"{source.path}: no pixel size known; pass --pixel-size")
-    names = [image_name(int(i), os.path.relpath(source.stack_paths[int(s)], out_path.parent.resolve()))
-             for s, i in zip(source.stack_index, source.image_index)]
+    stacks = [stack_name_for_project(path, project) for path in source.stack_paths]
+    names = [image_name(int(i), stacks[int(s)]) for s, i in zip(source.stack_index, source.image_index)]
     return make_particle_star(names, source.pixel_size, source.box, columns=columns)
-
-
-def relocated_image_names(source, new_dir: Path) -> dict[str, np.ndarray]:
-    """``rlnImageName`` rewritten so the stacks resolve from ``new_dir``, if needed.
-
-    Names that already resolve from ``new_dir`` or from the current folder (a
-    RELION project layout) are kept; others become relative to ``new_dir``.
-    Returns ``{}`` when nothing changes.
-    """
-    names = source.star.particles["rlnImageName"].astype(str).to_numpy()
-    new_dir = Path(new_dir).resolve()
-    changed = False
-    out = names.copy()
-    for number, stack in enumerate(source.stack_paths):
-        rows = np.flatnonzero(source.stack_index == number)
-        original = names[rows[0]].split("@", 1)[1]
-        if (new_dir / original).resolve() == stack.resolve() or (Path.cwd() / original).resolve() == stack.resolve():
-            continue
-        relative = os.path.relpath(stack.resolve(), new_dir)
-        out[rows] = [image_name(int(i), relative) for i in source.image_index[rows]]
-        changed = True
-    return {"rlnImageName": out} if changed else {}
-
-
-def relocated_names_for_star(star_path: Path, out_dir: Path, datadir: Path | None = None, source=None) -> dict[str, np.ndarray]:
-    """:func:`relocated_image_names` for a STAR file, opening it when ``source``
-    is not given; when its stacks cannot be found the names are kept (with a warning)."""
-    from particle_vae.data.particles import open_source
-
-    if source is None:
-        try:
-            source = open_source(star_path, datadir=datadir)
-        except ParticleVAEError as error:
-            log.warning("rlnImageName kept as it is (stacks not checked: %s)", error)
-            return {}
-    return relocated_image_names(source, out_dir)
 
 
 #: STAR columns of the refined pose (besides rlnAnglePsi and rlnOriginXAngst/YAngst)
@@ -323,7 +403,11 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
     apix = prep.output_pixel_size
     table = None
     if source.star is not None and source.star.column("rlnDefocusU") is not None:
-        table = source.star.ctf_parameters()
+        try:
+            table = source.star.ctf_parameters()
+        except InputFileError as incomplete:
+            # the poses are still worth refining; without the CTF they are less exact at high defocus
+            log.warning("%s; the pose refinement runs without the CTF", incomplete)
     z = result.z_mean
     labels = latent_groups(z, max(1, min(classes, len(z) // 20)), seed)
     psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, model_apix)
@@ -336,9 +420,14 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              center: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128) -> tuple[Path, Path]:
+              center: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128,
+              project_dir: Path | None = None, poses_to_relion_columns: bool = False) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
     (``bf16``: see :func:`run_inference`; ``center``: centred origins, see the module docstring).
+
+    ``project_dir``: the folder the output's ``rlnImageName`` resolves from (default: the current
+    folder). An input with 3D angles keeps its RELION pose columns and gets the in-plane pose in
+    :data:`PVAE_POSE_COLUMNS`, unless ``poses_to_relion_columns`` (:func:`pose_target_columns`).
 
     ``refine``: :class:`~particle_vae.engine.refine.RefineSettings` to refine the poses by
     likelihood search against class references seeded by the readout (:func:`refine_from_readout`,
@@ -367,6 +456,10 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
     if pixel_size is not None:
         spec["pixel_size"] = pixel_size
     inputs = tuple(p for p in (particles, spec.get("path")) if p is not None)
+    if project_dir is not None:
+        from particle_vae.io.paths import project_folder
+
+        project_dir = project_folder(project_dir)  # a wrong folder fails before any work
     out_path, npz_path = ddp.run_on_main(context, lambda: (
         check_output_path(out_path, overwrite=overwrite, inputs=inputs),
         check_output_path(Path(out_path).with_suffix(".npz"), overwrite=overwrite, inputs=inputs)))
@@ -417,11 +510,13 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             columns["pvaeRefineClass"] = refined.classes + 1
             refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references,
                               "refine_pixel_size": refined_apix, "refine_psi_std_deg": refined.psi_std_deg}
-        star = output_star(prepared, columns, out_path)
+        star_in = prepared.source.star if prepared.source is not None else None
+        columns = pose_columns_renamed(columns, pose_target_columns(star_in, poses_to_relion_columns))
+        star = output_star(prepared, columns, out_path, project_dir)
         extra_arrays = {} if centres is None else {"centre_px": centres}
         arrays = dict(theta=result.theta, t_px=result.t, z_mean=result.z_mean, z_std=result.z_std, pixel_size=model_apix,
                       **{f"extra_{k}": v for k, v in result.extra.items()}, **extra_arrays, **refined_arrays,
-                      **{k: v for k, v in columns.items() if k.startswith("rln")})
+                      **{k: v for k, v in columns.items() if k.startswith("rln") or k in PVAE_POSE_COLUMNS})
         write_pair(star.star, out_path, arrays, npz_path)  # the .npz, then the STAR: never a STAR beside an older .npz
         log.info("wrote %s (%d particles%s) and %s", out_path, len(result.theta),
                  f", read out by {context.world_size} processes" if context.distributed else "", npz_path)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from particle_vae.analysis.averages import centre_on_mass
 from particle_vae.conventions import fourier_shift_phase, undo_relion_pose
-from particle_vae.data.ctf import ctf_from_table
+from particle_vae.data.ctf import effective_ctf
 from particle_vae.data.particles import make_loader
 from particle_vae.data.preprocess import circular_mask
 from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses, shell_index, shell_means
@@ -136,7 +136,7 @@ def _ctf_for(table: pd.DataFrame | None, rows: np.ndarray, box: int, pixel_size:
     sub = table.iloc[rows]
     if psi is not None:
         sub = aligned_ctf_table(sub, psi)
-    return ctf_from_table(sub, box, pixel_size).to(device)
+    return effective_ctf(sub, box, pixel_size).to(device)
 
 
 def _wiener(acc: _Accumulator, sigma2: torch.Tensor, regularisation: float, box: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,13 +76,14 @@ class TrainSettings:
         computes ``batch_size / W`` images per step.
     """
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-4
+    # the TARGET-VAE paper's training (engine.presets.PAPER_TRAINING; sources in docs/training.md)
+    epochs: int = 500
+    batch_size: int = 100
+    lr: float = 2e-4
     val_fraction: float = 0.1
-    lr_patience: int = 3
+    lr_patience: int = 10
     min_lr: float = 1e-6
-    early_stop_patience: int = 10
+    early_stop_patience: int = 20
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"

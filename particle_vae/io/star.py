@@ -29,7 +29,14 @@ from particle_vae.io.atomic import atomic_write_text, check_output_path
 
 IMAGE_NAME = "rlnImageName"
 OPTICS_GROUP = "rlnOpticsGroup"
+#: RELION 3.1+ optics flag: 1 when the particle images were multiplied by their CTF (RELION 5 writes it for every group)
+PREMULTIPLIED = "rlnCtfDataAreCtfPremultiplied"
+#: optics columns of the aberrations and the magnification that particle-vae keeps in outputs but does not model
+ABERRATION_COLUMNS = ("rlnBeamTiltX", "rlnBeamTiltY", "rlnOddZernike", "rlnEvenZernike",
+                      "rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
+#: folders above a STAR's own where its stacks are looked for (RELION job folders sit two levels below the project)
+PROJECT_LEVELS_SEARCHED = 3
 #: Columns that RELION 3.1 keeps per optics group rather than per particle.
 OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality")
 
@@ -234,6 +241,9 @@ def _read_star_fast(path: Path, parse_as_string: tuple[str, ...] = (), text: str
 def _format_column(values: pd.Series) -> list[str]:
     if pd.api.types.is_bool_dtype(values):
         return [str(int(v)) for v in values]
+    if pd.api.types.is_unsigned_integer_dtype(values) and not values.isna().any():
+        # cryoSPARC uids use all 64 bits: through int64 the upper half would come out negative
+        return values.astype(np.uint64).astype(str).tolist()
     if pd.api.types.is_integer_dtype(values) and not values.isna().any():
         return values.astype(np.int64).astype(str).tolist()
     if pd.api.types.is_float_dtype(values):
@@ -431,7 +441,10 @@ class ParticleStar:
             DataFrame with ``defocus_u``, ``defocus_v`` (Angstrom, underfocus
             positive), ``defocus_angle`` (degrees), ``voltage`` (kV), ``cs`` (mm),
             ``amplitude_contrast``, ``phase_shift`` (degrees), ``bfactor``
-            (Angstrom^2) and ``scale``.
+            (Angstrom^2), ``scale`` and ``premultiplied`` (bool: RELION's
+            ``rlnCtfDataAreCtfPremultiplied``, images already multiplied by
+            their CTF, so that the CTF acts on them squared; see
+            :func:`particle_vae.data.ctf.effective_ctf`).
         Raises:
             InputFileError: a required CTF column is missing.
         """
@@ -440,7 +453,8 @@ class ParticleStar:
             "cs": "rlnSphericalAberration", "amplitude_contrast": "rlnAmplitudeContrast",
         }
         optional = {"defocus_angle": ("rlnDefocusAngle", 0.0), "phase_shift": ("rlnPhaseShift", 0.0),
-                    "bfactor": ("rlnCtfBfactor", 0.0), "scale": ("rlnCtfScalefactor", 1.0)}
+                    "bfactor": ("rlnCtfBfactor", 0.0), "scale": ("rlnCtfScalefactor", 1.0),
+                    "premultiplied": (PREMULTIPLIED, 0.0)}
         out = {}
         for key, name in required.items():
             values = self.column(name)
@@ -458,7 +472,9 @@ class ParticleStar:
                 raise InputFileError(f"particle {row + 1} ({self.particles[IMAGE_NAME].iloc[row]}) has {names[key]} {values[row]}"
                                      + (f" ({bad.size} such particles)" if bad.size > 1 else ""), self.path,
                                      "correct the CTF values in the STAR or turn the CTF option off")
-        return pd.DataFrame(out)
+        table = pd.DataFrame(out)
+        table["premultiplied"] = table["premultiplied"].to_numpy() != 0
+        return table
 
     def image_locations(self, datadir: str | Path | None = None) -> ImageLocations:
         """Parse ``rlnImageName`` (``N@path``, 1-based, any zero padding) and find the stacks.
@@ -489,14 +505,24 @@ class ParticleStar:
         resolved = [self._resolve_stack(name, base, datadir) for name in uniques]
         return ImageLocations(stack_paths=resolved, stack_index=codes.astype(np.int64), image_index=image_number - 1)
 
-    def _resolve_stack(self, name: str, base: Path, datadir) -> Path:
+    def stack_candidates(self, name: str, datadir: str | Path | None = None) -> list[Path]:
+        """Where a stack named ``name`` in ``rlnImageName`` is looked for, in order
+        (see :meth:`image_locations`); the first existing file wins: with ``datadir``
+        only there; else beside the STAR, in the current folder, and in the
+        ``PROJECT_LEVELS_SEARCHED`` folders above the STAR's (a project folder)."""
         raw = Path(name)
+        base = self.path.parent if self.path is not None else Path.cwd()
         if raw.is_absolute():
-            candidates = [raw] + ([Path(datadir) / raw.name] if datadir else [])
-        elif datadir:
-            candidates = [Path(datadir) / raw, Path(datadir) / raw.name]
-        else:
-            candidates = [base / raw, base / raw.name, Path.cwd() / raw]
+            return [raw] + ([Path(datadir) / raw.name] if datadir else [])
+        if datadir:
+            return [Path(datadir) / raw, Path(datadir) / raw.name]
+        # then the folders above the STAR's: a STAR in a job folder (Class2D/job012/) names its stacks from the
+        # project folder two levels up, as RELION, run there, reads them
+        above = [parent / raw for parent in list(base.resolve().parents)[:PROJECT_LEVELS_SEARCHED]]
+        return [base / raw, base / raw.name, Path.cwd() / raw] + above
+
+    def _resolve_stack(self, name: str, base: Path, datadir) -> Path:
+        candidates = self.stack_candidates(name, datadir)
         for candidate in candidates:
             if candidate.is_file():
                 return candidate

@@ -45,6 +45,15 @@ def test_resolve_star_run_dir_and_project_folder(sample_run: Path):
     assert resolve_inputs(run_dir) == (clustered, run_dir)
 
 
+def test_stacks_named_from_the_project_folder_open_from_anywhere(sample_run: Path):
+    # the sample folder is its own project folder; napari (the tests) runs elsewhere
+    clustered = sample_run / "analysis" / "clustered_particles.star"
+    assert set(ParticleStar(clustered).particles["rlnImageName"].str.split("@").str[1]) == {"data/particles.mrcs"}
+    assert Path.cwd().resolve() != sample_run.resolve()
+    run = open_particle_run(clustered)
+    assert run.image_error is None and run.datadir == sample_run and run.read_images([0]).shape[0] == 1
+
+
 def test_star_without_latents_is_a_one_line_error(sample_run: Path):
     plain = sample_run / "data" / "particles.star"
     assert "rlnImageName" in star_columns(plain)
@@ -269,13 +278,17 @@ def test_write_subset_keeps_rows_columns_and_optics(sample_run: Path, tmp_path: 
     assert back.optics is not None and back.optics.equals(original.optics)
     kept = original.particles.reset_index(drop=True).iloc[rows].reset_index(drop=True)
     for column in kept.columns:
-        if column == "rlnImageName":  # rewritten so the stacks resolve from the new folder
+        if column == "rlnImageName":  # rewritten so the stacks resolve from the project folder (the current one)
             continue
         assert np.array_equal(back.particles[column].to_numpy(), kept[column].to_numpy()), column
     # the images are still found from the new folder, and they are the same particles
     reopened = open_particle_run(out)
     assert reopened.image_error is None
     assert np.allclose(reopened.read_images([1]), run.read_images([5]))
+    # for RELION run in the sample's folder: its stack named relative to that folder
+    for_project = export.write_subset(run, rows, tmp_path / "for_project.star", project_dir=sample_run)
+    stacks = {name.split("@", 1)[1] for name in ParticleStar(for_project).particles["rlnImageName"]}
+    assert all(not stack.startswith(("/", "..")) and (sample_run / stack).is_file() for stack in stacks), stacks
     with pytest.raises(OutputFileError):
         export.write_subset(run, rows, out)  # exists
     with pytest.raises(OutputFileError):

@@ -3,8 +3,9 @@
 Qt-free. Both write through :mod:`particle_vae.io.star`, like
 ``particle-vae select``: every block (optics included), every column and the
 column order are kept, rows stay in STAR order, ``rlnImageName`` is rewritten
-only where the stacks would not be found from the output's folder, the file is
-written atomically and the STAR that was opened is never overwritten.
+only where RELION, run in the project folder (``project_dir``, default the
+current folder), would not find the stacks (:mod:`particle_vae.io.paths`), the
+file is written atomically and the STAR that was opened is never overwritten.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from napari_particle_vae.run_data import CLUSTER_COLUMN, ParticleRun
 from particle_vae.errors import OutputFileError, ParticleVAEError
 
 
-def _relocated(run: ParticleRun, out_path: Path):
-    from particle_vae.engine.inference import relocated_names_for_star
+def _project_names(run: ParticleRun, project_dir: str | Path | None):
+    from particle_vae.io.paths import project_folder, project_names_for_star
 
     source = run._source if run.image_error is None else None
-    return relocated_names_for_star(run.star_path, out_path.parent, run.datadir, source=source)
+    return project_names_for_star(run.star_path, project_folder(project_dir), run.datadir, source=source)
 
 
-def write_subset(run: ParticleRun, selected, out_path: str | Path, overwrite: bool = False) -> Path:
+def write_subset(run: ParticleRun, selected, out_path: str | Path, overwrite: bool = False,
+                 project_dir: str | Path | None = None) -> Path:
     """Write the selected particles as a STAR subset of the opened file.
 
     Args:
         selected: ``(N,)`` boolean mask or 0-based STAR rows.
         out_path: the new STAR; overwrite: replace an existing file (never the input).
+        project_dir: the folder RELION runs in, that ``rlnImageName`` resolves from (default: the current folder).
     Returns:
         The written path.
     Raises:
@@ -42,16 +45,20 @@ def write_subset(run: ParticleRun, selected, out_path: str | Path, overwrite: bo
         raise ParticleVAEError("nothing is selected; draw a lasso or rectangle on the latent plot first")
     out_path = check_output_path(Path(out_path), overwrite=overwrite, inputs=(run.star_path,))
     star = run.star
-    names = _relocated(run, out_path)
-    if names:
-        star = star.with_columns(names)
+    from particle_vae.engine.inference import kept_pose_text
+
+    names = _project_names(run, project_dir)
+    kept = kept_pose_text(star, names)  # a 3D refinement's pose columns byte for byte, as the opened STAR has them
+    if names or kept:
+        star = star.with_columns({**names, **kept})
     star.subset(mask).write(out_path, overwrite=True)
     return out_path
 
 
-def write_all(run: ParticleRun, out_path: str | Path, overwrite: bool = False) -> Path:
-    """Write the whole table (e.g. with clusters added by :func:`add_cluster`) as a new STAR."""
-    return write_subset(run, np.ones(len(run), dtype=bool), out_path, overwrite=overwrite)
+def write_all(run: ParticleRun, out_path: str | Path, overwrite: bool = False, project_dir: str | Path | None = None) -> Path:
+    """Write the whole table (e.g. with clusters added by :func:`add_cluster`) as a new STAR (``project_dir``:
+    see :func:`write_subset`)."""
+    return write_subset(run, np.ones(len(run), dtype=bool), out_path, overwrite=overwrite, project_dir=project_dir)
 
 
 def add_cluster(run: ParticleRun, selected, column: str = CLUSTER_COLUMN) -> int:

@@ -293,7 +293,9 @@ class ParticleRun:
         return CLUSTER_COLUMN if CLUSTER_COLUMN in self.table.columns else None
 
     def poses(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(psi_deg (N,), origin_angst (N, 2))`` from the STAR, or ``None`` without ``rlnAnglePsi``."""
+        """``(psi_deg (N,), origin_angst (N, 2))`` from the STAR, or ``None`` without a psi column:
+        ``pvaeAnglePsi``, ``pvaeOriginX/YAngst`` when present (infer's pose beside a 3D refinement),
+        else ``rlnAnglePsi``, ``rlnOriginX/YAngst`` (:func:`particle_vae.analysis.averages.relion_poses`)."""
         from particle_vae.analysis.averages import relion_poses
 
         try:
@@ -393,6 +395,10 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
     so that the latent space can still be explored. The STAR is parsed once:
     the particle source reads it together with the stack headers, and only
     when the stacks cannot be opened is it read again for the table alone.
+    Stacks named relative to a RELION project folder above the STAR's own
+    (as particle-vae writes them, :mod:`particle_vae.io.paths`) are found
+    from there when napari was started elsewhere (``datadir`` then becomes
+    that folder).
 
     Raises:
         InputFileError: no STAR with latent columns, no particle rows, an unreadable STAR, or
@@ -402,6 +408,7 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
 
     from particle_vae.data.particles import open_source
     from particle_vae.io.infer_pair import check_pair
+    from particle_vae.io.paths import find_project_folder
     from particle_vae.io.star import ParticleStar
 
     star_path, run_dir = resolve_inputs(path)
@@ -416,6 +423,13 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
     except ParticleVAEError as error:
         image_error = str(error)
         star = ParticleStar(star_path)  # a problem of the STAR itself is raised here; one of the stacks was kept above
+        project = None if datadir is not None else find_project_folder(star_path, star.particles["rlnImageName"].astype(str))
+        if project is not None:  # names relative to the RELION project folder above the STAR (napari started elsewhere)
+            try:
+                source = open_source(star_path, datadir=project)
+                star, datadir, image_error = source.star, project, None
+            except ParticleVAEError:
+                pass
     table = star.particles.reset_index(drop=True)
     if len(table) == 0:
         raise InputFileError(NO_ROWS, star_path, FIX_NO_LATENTS)

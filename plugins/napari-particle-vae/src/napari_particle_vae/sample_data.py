@@ -122,7 +122,8 @@ def make_sample_run(out_dir: str | Path, n: int = 400, epochs: int = 4, box: int
         defocus_range=(8000.0, 15000.0),
     )
     validate_config(config)
-    run_simulation(config, out_dir / "data", overwrite=True, progress=False, densities=densities)
+    # the sample folder is its own project folder: its STARs name the stacks relative to it, wherever napari runs
+    run_simulation(config, out_dir / "data", overwrite=True, progress=False, densities=densities, project_dir=out_dir)
 
     report(f"training the tiny TARGET-VAE for {epochs} epochs", 1)
     parser = build_parser()
@@ -130,11 +131,12 @@ def make_sample_run(out_dir: str | Path, n: int = 400, epochs: int = 4, box: int
                           "--seed", str(int(seed)), "--device", "cpu", "--out", str(out_dir / "run"), "--overwrite"])
 
     report("writing poses and latents (infer)", 2)
-    infer_run(out_dir / "run", out_dir / "particles_vae.star", device="cpu", overwrite=True)
+    infer_run(out_dir / "run", out_dir / "particles_vae.star", device="cpu", overwrite=True, project_dir=out_dir)
 
     report(f"clustering the latents into {k} classes (analyze)", 3)
     _run_command(parser, ["analyze", str(out_dir / "particles_vae.star"), "--run", str(out_dir / "run"), "--k", str(int(k)),
-                          "--seed", str(int(seed)), "--no-images", "--out", str(out_dir / "analysis"), "--overwrite"])
+                          "--seed", str(int(seed)), "--no-images", "--project-dir", str(out_dir), "--out", str(out_dir / "analysis"),
+                          "--overwrite"])
     report("done", 4)
     return result
 

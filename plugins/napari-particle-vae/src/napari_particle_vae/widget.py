@@ -576,7 +576,10 @@ class LatentExplorerWidget(QWidget):
             return
         values = run.table.iloc[row]
         parts = [f"row {row}"]
-        for column in ([run.cluster_column()] if run.cluster_column() else []) + run.latent_columns[:4] + ["rlnAnglePsi"]:
+        from particle_vae.analysis.averages import pose_psi_column
+
+        psi_column = pose_psi_column(run.table)
+        for column in ([run.cluster_column()] if run.cluster_column() else []) + run.latent_columns[:4] + ([psi_column] if psi_column else []):
             if column in values.index:
                 value = values[column]
                 parts.append(f"{column} {value:.3g}" if isinstance(value, (float, np.floating)) else f"{column} {value}")
@@ -800,7 +803,7 @@ class LatentExplorerWidget(QWidget):
         fill_aligned = None if reset_contrast or aligned_layer is None else float(aligned_layer.contrast_limits[0])
         shown = f"{len(rows):,} of {sample.n_selected:,} selected" + (
             f" (random sample, seed {sample.seed})" if len(rows) < sample.n_selected else "")
-        pose_note = "STAR pose undone" if sample.aligned_with_pose else "no rlnAnglePsi in the STAR: not aligned"
+        pose_note = "STAR pose undone" if sample.aligned_with_pose else "no rlnAnglePsi or pvaeAnglePsi in the STAR: not aligned"
         metadata = {"particle_vae_rows": rows}
         self._show_view("selection_average", sample.average, apix, f"average of {sample.n_read:,} aligned ({pose_note})",
                         layout=False)
@@ -946,25 +949,27 @@ class LatentExplorerWidget(QWidget):
 
     # =============================================================================== export
 
-    def export_selection(self, path: str | Path, overwrite: bool = False) -> Path | None:
-        """Write the selected particles as a STAR subset (all columns, optics). Returns the path, ``None`` on error."""
+    def export_selection(self, path: str | Path, overwrite: bool = False, project_dir: str | Path | None = None) -> Path | None:
+        """Write the selected particles as a STAR subset (all columns, optics; ``rlnImageName`` resolves from
+        ``project_dir``, default the current folder, as RELION run there resolves it). Returns the path, ``None`` on error."""
         if not self._check_selection():
             return None
         try:
-            written = export.write_subset(self.run, self.selected, path, overwrite=overwrite)
+            written = export.write_subset(self.run, self.selected, path, overwrite=overwrite, project_dir=project_dir)
         except ParticleVAEError as error:
             self._error(str(error))
             return None
         self._status(f"wrote {written} ({int(self.selected.sum()):,} particles)")
         return written
 
-    def export_table(self, path: str | Path, overwrite: bool = False) -> Path | None:
-        """Write every particle (with the clusters added here) as a new STAR. Returns the path, ``None`` on error."""
+    def export_table(self, path: str | Path, overwrite: bool = False, project_dir: str | Path | None = None) -> Path | None:
+        """Write every particle (with the clusters added here) as a new STAR (``project_dir``: see
+        :meth:`export_selection`). Returns the path, ``None`` on error."""
         if self.run is None:
             self._error("open a particle-vae STAR or run first (File > Open)")
             return None
         try:
-            written = export.write_all(self.run, path, overwrite=overwrite)
+            written = export.write_all(self.run, path, overwrite=overwrite, project_dir=project_dir)
         except ParticleVAEError as error:
             self._error(str(error))
             return None

@@ -1,0 +1,294 @@
+"""Files from other programs: RELION 5 STARs (CTF premultiplication, optics aberrations), `info` on
+metadata alone, cryoSPARC .cs particle files in and out (`export`), on the real files of
+../shared/data/cryoem/formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from particle_vae import cli
+from particle_vae.conventions import euler_to_matrix, matrix_to_euler
+from particle_vae.data.ctf import ctf_from_table, effective_ctf
+from particle_vae.io.cryosparc import UID_COLUMN, cryosparc_to_star, read_cryosparc
+from particle_vae.io.star import ParticleStar, read_star, write_star
+
+REPO = Path(__file__).resolve().parents[1]
+J2 = "cryosparc_J2_particles_exported.cs"  # 22 particles, alignments2D, exported ('>' paths)
+P12 = "cryosparc_P12_J24_001_particles.cs"  # 2,019 particles, alignments3D
+RELION5 = "relion5.star"
+SHIPPED = [RELION5, "relion31.6opticsgroups.star", "FinalRefinement-OriginalParticles-PfCRT.star", J2, P12]
+
+
+@pytest.fixture(scope="session")
+def formats_dir() -> Path:
+    """The shipped files; a missing folder skips, except under CI where it is a failure."""
+    value = os.environ.get("PARTICLE_VAE_DATA")
+    folder = (Path(value) if value else REPO.parent / "shared" / "data") / "cryoem" / "formats"
+    if not folder.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"reference data {folder} missing under CI")
+        pytest.skip("reference data not found: set PARTICLE_VAE_DATA or place it at ../shared/data")
+    return folder
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- info on every shipped file
+
+
+def test_info_no_images_summarises_every_shipped_file(formats_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    summaries = {}
+    for name in SHIPPED:
+        code, out, err = run(["info", "--no-images", "--json", str(formats_dir / name)], capsys)
+        assert code == 0, err
+        summaries[name] = json.loads(out)
+    relion5 = summaries[RELION5]
+    assert relion5["star_version"] == "50001" and relion5["particles"] == 17 and relion5["optics_groups"] == 1
+    assert relion5["stacks"] == 2 and relion5["stacks_found"] == 2 and relion5["box_px"] == [448]
+    assert relion5["optics"][0]["premultiplied"] is False and relion5["ctf"]["voltage_kv"] == [100.0]
+    assert [a.split(" (")[0] for a in relion5["optics"][0]["aberrations"]] == ["beam tilt", "odd Zernike", "even Zernike",
+                                                                              "magnification matrix [[1.00183, -0.000704404], [-0.000823335, 1.00038]]"]
+    assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(relion5["pose_columns"])
+    polished = summaries["relion31.6opticsgroups.star"]
+    assert polished["particles"] == 139 and polished["optics_groups"] == 6 and polished["stacks_found"] == 0
+    assert polished["pixel_size_angst"] is None and polished["pixel_size_problem"].startswith("1.24/1.25 A in different optics groups")
+    assert polished["first_missing_stack"]["name"] == "Polish/job520/Micrographs/0003_shiny.mrcs"
+    assert polished["first_missing_stack"]["looked_in"] == [str(formats_dir / "Polish/job520/Micrographs/0003_shiny.mrcs"),
+                                                           str(formats_dir / "0003_shiny.mrcs"),
+                                                           str(tmp_path / "Polish/job520/Micrographs/0003_shiny.mrcs")]
+    refined = summaries["FinalRefinement-OriginalParticles-PfCRT.star"]
+    assert refined["star_format"] == "RELION 3.0" and refined["particles"] == 5 and refined["pixel_size_angst"] == pytest.approx(1.035)
+    assert refined["pose_columns"] == ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY"]
+    assert refined["ctf"].startswith("not available") and "rlnAmplitudeContrast" in refined["ctf"]
+    j2 = summaries[J2]
+    assert j2["kind"] == "cryosparc" and j2["particles"] == 22 and j2["box_px"] == [300] and j2["pixel_size_angst"] == pytest.approx(1.345)
+    assert j2["pose_columns"] == ["rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"] and j2["ctf"]["voltage_kv"] == [300.0]
+    assert j2["first_missing_stack"]["name"].startswith(">J1/imported/") and j2["cryosparc"]["slots"] == ["alignments2D", "blob", "ctf"]
+    p12 = summaries[P12]
+    assert p12["particles"] == 2019 and p12["stacks"] == 50 and p12["ctf"]["amplitude_contrast"] == [0.07]
+    assert p12["pose_columns"] == ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+
+
+def test_info_shows_the_metadata_then_one_line_error(formats_dir, capsys):
+    # relion5.star's optics say 448 px, its stacks hold 30 px images: the file itself is inconsistent
+    code, out, err = run(["info", "--sample", "0", str(formats_dir / RELION5)], capsys)
+    assert code == 2 and "particles       17" in out and "optics group    1 (opticsGroup1): 0.89 A/px, 448 px" in out
+    assert err.count("\n") == 1 and "rlnImageSize says 448 px but the stacks hold 30x30 px images" in err and "Traceback" not in err
+    # missing stacks: the metadata first (where the stacks were looked for), then the error naming --stack-dir
+    code, out, err = run(["info", str(formats_dir / "relion31.6opticsgroups.star")], capsys)
+    assert code == 2 and "139 named, 0 found" in out and "looked for as" in out
+    assert err.count("\n") == 1 and "--stack-dir" in err
+    code, out, err = run(["info", str(formats_dir / P12)], capsys)
+    assert code == 2 and "particles       2019" in out and err.count("\n") == 1
+    assert "blob/path" in err and "nor 49 other stack(s) of 50" in err and "the folder holding J19/" in err
+
+
+def test_info_warns_when_relion_run_here_would_miss_the_stacks(cryoem_dir, capsys, monkeypatch, tmp_path):
+    star = cryoem_dir / "relion31" / "relion31.star"
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["info", "--sample", "0", str(star)], capsys)
+    assert code == 0
+    warning = next(line for line in out.splitlines() if line.startswith("  warning"))
+    assert f"run RELION in {star.parent}" in warning and f"particle-vae export {star} --to relion" in warning
+    monkeypatch.chdir(star.parent)
+    code, out, _ = run(["info", "--sample", "0", "--json", str(star)], capsys)
+    assert code == 0 and "relion_paths_warning" not in json.loads(out)
+
+
+# --------------------------------------------------------------------------- RELION 5: optics kept, premultiplied CTF
+
+
+def test_relion5_optics_fields_survive_a_rewrite(formats_dir, tmp_path):
+    original = read_star(formats_dir / RELION5)
+    again = read_star(write_star(tmp_path / "copy.star", original))
+    for name in ("optics", "particles"):
+        assert list(again.blocks[name].columns) == list(original.blocks[name].columns)
+        assert again.blocks[name].astype(str).equals(original.blocks[name].astype(str)), name
+    optics = again.blocks["optics"].iloc[0]
+    assert optics["rlnOddZernike"].startswith("[0.0680480107376,") and optics["rlnMagMat01"] == pytest.approx(-7.04404e-04)
+
+
+def premultiplied_copy(formats_dir: Path, tmp_path: Path) -> Path:
+    text = (formats_dir / RELION5).read_text()
+    row = "opticsGroup1            1     0.890000   100.000000     1.600000     0.100000     0.890000          448            2            0 "
+    assert row in text
+    path = tmp_path / "premultiplied.star"
+    path.write_text(text.replace(row, row[:-2] + "1 "))
+    return path
+
+
+def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(formats_dir, tmp_path):
+    from particle_vae.commands.train import _ctf_provider
+
+    plain = ParticleStar(formats_dir / RELION5)
+    assert not plain.ctf_parameters()["premultiplied"].any()
+    star = ParticleStar(premultiplied_copy(formats_dir, tmp_path))
+    table = star.ctf_parameters()
+    assert table["premultiplied"].all()
+    physical = ctf_from_table(table, 32, 2.0, dtype=torch.float64)
+    assert torch.allclose(effective_ctf(table, 32, 2.0, dtype=torch.float64), physical ** 2)
+    mixed = table.copy()
+    mixed.loc[1::2, "premultiplied"] = False
+    both = effective_ctf(mixed, 32, 2.0, dtype=torch.float64)
+    assert torch.allclose(both[0::2], physical[0::2] ** 2) and torch.allclose(both[1::2], physical[1::2])
+    prepared = SimpleNamespace(source=SimpleNamespace(star=star), pixel_size=2.0, box=32)
+    ctf_for = _ctf_provider(prepared, SimpleNamespace(config=SimpleNamespace(likelihood="gaussian")))
+    assert torch.allclose(ctf_for(torch.arange(3)).double(), physical[:3] ** 2, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cryoSPARC -> RELION
+
+
+def test_cryosparc_2d_alignments_become_psi_and_origins(formats_dir):
+    records = read_cryosparc(formats_dir / J2)
+    star = cryosparc_to_star(records, formats_dir / J2)
+    row, first = star.particles.iloc[0], records[0]
+    psize = float(np.float32(first["blob/psize_A"]))
+    assert row["rlnImageName"] == "000001@J1/imported/000090334788266266069_18jam15b_0345_ali_DW.mrcs"
+    assert row["rlnAnglePsi"] == pytest.approx(np.degrees(first["alignments2D/pose"]))  # psi = degrees(pose)
+    assert (row["rlnOriginXAngst"], row["rlnOriginYAngst"]) == pytest.approx((0.0, 12.0 * psize))  # origin = shift * psize
+    assert row["rlnDefocusU"] == float(first["ctf/df1_A"]) and row["rlnDefocusV"] == float(first["ctf/df2_A"])
+    assert row["rlnDefocusAngle"] == pytest.approx(np.degrees(first["ctf/df_angle_rad"]))
+    assert row["rlnClassNumber"] == first["alignments2D/class"] + 1 and "rlnRandomSubset" not in star.particles
+    optics = star.optics.iloc[0]
+    assert (optics["rlnVoltage"], optics["rlnSphericalAberration"], optics["rlnAmplitudeContrast"]) == (300.0, 2.7, 0.1)
+    assert np.float32(optics["rlnImagePixelSize"]) == first["blob/psize_A"] and optics["rlnImageSize"] == 300
+    assert star.particles[UID_COLUMN].to_numpy().astype(np.uint64).tolist() == records["uid"].tolist()
+
+
+def test_cryosparc_3d_pose_is_relion_euler_of_the_transposed_rotation(formats_dir):
+    records = read_cryosparc(formats_dir / P12)
+    star = cryosparc_to_star(records, formats_dir / P12)
+    angles = star.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    expected = np.transpose(Rotation.from_rotvec(records["alignments3D/pose"].astype(np.float64)).as_matrix(), (0, 2, 1))
+    assert np.abs(euler_to_matrix(*angles.T) - expected).max() < 1e-9
+    assert star.particles["rlnRandomSubset"].tolist() == (records["alignments3D/split"] + 1).tolist()
+    # a turn about z alone is an in-plane turn: RELION psi = cryoSPARC's angle, as for 2D alignments
+    turn = records[:1].copy()
+    turn["alignments3D/pose"] = [0.0, 0.0, 0.5]
+    row = cryosparc_to_star(turn).particles.iloc[0]
+    assert (row["rlnAngleRot"], row["rlnAngleTilt"], row["rlnAnglePsi"]) == pytest.approx((0.0, 0.0, np.degrees(0.5)))
+
+
+def test_matrix_to_euler_inverts_euler_to_matrix():
+    rng = np.random.default_rng(4)
+    angles = np.stack([rng.uniform(-180, 180, 200), rng.uniform(1, 179, 200), rng.uniform(-180, 180, 200)], axis=1)
+    assert np.abs(matrix_to_euler(euler_to_matrix(*angles.T)) - angles).max() < 1e-9
+    poles = euler_to_matrix([10.0, 10.0], [0.0, 180.0], [20.0, 20.0])
+    assert np.abs(euler_to_matrix(*matrix_to_euler(poles).T) - poles).max() < 1e-12
+
+
+# --------------------------------------------------------------------------- the round trip through `export`
+
+
+@pytest.mark.parametrize("name", [J2, P12])
+def test_cs_to_star_and_back_gives_the_same_values(formats_dir, tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    original = np.load(formats_dir / name)
+    assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "plain.cs"], capsys)[0] == 0
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--template", str(formats_dir / name), "--out", "t.cs"], capsys)[0] == 0
+    plain, templated = np.load("plain.cs"), np.load("t.cs")
+    assert templated.dtype == original.dtype and (templated == original).all()  # every field, bit for bit
+    slot = "alignments2D" if "alignments2D/pose" in original.dtype.names else "alignments3D"
+    for field in ("uid", "blob/idx", "blob/shape", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast",
+                  "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/phase_shift_rad", "ctf/exp_group_id",
+                  f"{slot}/shift", f"{slot}/psize_A", f"{slot}/class"):
+        assert np.array_equal(plain[field], original[field]), field
+    if slot == "alignments2D":
+        assert np.array_equal(plain[f"{slot}/pose"], original[f"{slot}/pose"])
+    else:  # the same rotation; the axis-angle vector itself is only defined up to turns of 2 pi
+        rotation = [Rotation.from_rotvec(r[f"{slot}/pose"].astype(np.float64)).as_matrix() for r in (plain, original)]
+        assert np.abs(rotation[0] - rotation[1]).max() < 1e-6
+
+
+# --------------------------------------------------------------------------- a cryoSPARC project through train, infer, export
+
+
+@pytest.fixture()
+def cryosparc_project(formats_dir, tmp_path) -> Path:
+    """Project P/ with a 30 px stack in J1/imported/ and J2/particles.cs naming it (the J2 records, paths relative to P/)."""
+    project = tmp_path / "P"
+    (project / "J1" / "imported").mkdir(parents=True)
+    (project / "J2").mkdir()
+    shutil.copy(formats_dir / "toy_images_a.mrcs", project / "J1" / "imported" / "toy.mrcs")
+    records = read_cryosparc(formats_dir / J2)
+    fields = [(n, records.dtype[n]) for n in records.dtype.names if n != "blob/path"] + [("blob/path", "S32")]
+    moved = np.zeros(len(records), dtype=fields)
+    for name in records.dtype.names:
+        if name != "blob/path":
+            moved[name] = records[name]
+    moved["blob/path"] = b"J1/imported/toy.mrcs"
+    moved["blob/idx"] = np.arange(len(records))
+    moved["blob/shape"] = 30
+    moved["blob/psize_A"] = moved["alignments2D/psize_A"] = 4.0
+    with open(project / "J2" / "particles.cs", "wb") as handle:
+        np.save(handle, moved)
+    return project
+
+
+def test_a_cs_file_trains_infers_and_goes_back_to_cryosparc(cryosparc_project, tmp_path, capsys, single_thread):
+    cs = cryosparc_project / "J2" / "particles.cs"
+    code, out, err = run(["info", "--json", "--sample", "4", str(cs)], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["kind"] == "cryosparc" and summary["particles"] == 22 and summary["box_px"] == 30 and summary["pixel_size_angst"] == 4.0
+    elsewhere = tmp_path / "elsewhere.cs"
+    shutil.copy(cs, elsewhere)
+    assert run(["info", "--sample", "0", str(elsewhere)], capsys)[0] == 2  # blob/path is relative to the project folder...
+    assert run(["info", "--sample", "0", "--stack-dir", str(cryosparc_project), str(elsewhere)], capsys)[0] == 0  # ...given here
+    tiny = ["--preset", "tiny", "--fields", "4", "--gen-hidden", "16", "--fourier-features", "8", "--group", "4",
+            "--downsample-to", "16", "--batch-size", "11", "--seed", "3", "--epochs", "1"]
+    assert run(["-q", "train", str(cs), *tiny, "--out", str(tmp_path / "run")], capsys)[0] == 0
+    out_star = tmp_path / "vae.star"
+    code, _, err = run(["-q", "infer", str(tmp_path / "run"), "--no-refine", "--out", str(out_star)], capsys)
+    assert code == 0, err
+    inferred = ParticleStar(out_star)
+    assert inferred.particles[UID_COLUMN].to_numpy().astype(np.uint64).tolist() == np.load(cs)["uid"].tolist()
+    keep = inferred.subset(np.arange(0, 22, 2)).write(tmp_path / "every_other.star")
+    back = cryosparc_project / "J2" / "selected.cs"
+    assert run(["-q", "export", str(keep), "--to", "cryosparc", "--template", str(cs), "--out", str(back)], capsys)[0] == 0
+    original, selected = np.load(cs), np.load(back)
+    assert selected.dtype == original.dtype and selected["uid"].tolist() == original["uid"][::2].tolist()
+    assert np.array_equal(selected["blob/path"], original["blob/path"][::2])
+    psi = inferred.particles["rlnAnglePsi"].to_numpy()[::2]
+    assert np.allclose(selected["alignments2D/pose"], np.mod(np.radians(psi), 2 * np.pi), atol=1e-6)
+    origin = inferred.particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()[::2]
+    assert np.allclose(selected["alignments2D/shift"], origin / 4.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_cryosparc_and_export_inputs_give_one_line(formats_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.cs").write_text("not numpy\n")
+    code, _, err = run(["info", str(tmp_path / "text.cs")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a cryoSPARC .cs file" in err
+    passthrough = np.zeros(3, dtype=[("uid", "<u8"), ("location/center_x_frac", "<f4")])
+    with open(tmp_path / "passthrough.cs", "wb") as handle:
+        np.save(handle, passthrough)
+    code, _, err = run(["info", "--no-images", str(tmp_path / "passthrough.cs")], capsys)
+    assert code == 2 and "has no blob/path and blob/idx field" in err and "passthrough" in err
+    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--out", "x.star"], capsys)
+    assert code == 2 and "writes a .cs file" in err
+    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--template", str(formats_dir / J2),
+                        "--out", "x.cs"], capsys)
+    assert code == 2 and err.count("\n") == 1 and UID_COLUMN in err and not Path("x.cs").exists()
+    shutil.copy(formats_dir / RELION5, "r5.star")
+    code, _, err = run(["export", "r5.star", "--to", "relion", "--out", "r5.star", "--overwrite"], capsys)
+    assert code == 2 and "is an input" in err
