@@ -8,8 +8,9 @@ after every epoch. The generator's random Fourier features (--fourier-bandwidth,
 cycles per pixel; --fourier-features, frequencies, each giving a cosine and a
 sine; --learnable-fourier) and the other differences from the authors' code
 that we measured (--extra-validation: all N images train, as theirs do;
---no-subpixel: no offset inside a translation cell, as theirs has none) are
-options, so that each setting can be compared with another:
+--no-subpixel: no offset inside a translation cell, as theirs has none;
+--leaky-relu-slope: theirs is 0.01) are options, so that each setting can be
+compared with another:
 
   OMP_NUM_THREADS=1 python benchmarks/elbo_per_epoch.py --data-dir ../shared/data \\
       --fourier-bandwidth 0.16 --label "authors' scale" --out benchmarks/results/elbo_per_epoch_cpu.json
@@ -43,6 +44,7 @@ from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR
 from particle_vae.engine.run import RunDirectory
 from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.models import build_model
+from particle_vae.nn import equivariant
 
 log = logging.getLogger("benchmark")
 
@@ -79,20 +81,36 @@ def validation_fraction(args: argparse.Namespace) -> float:
     return args.extra_validation / (args.n + args.extra_validation)
 
 
+def set_leaky_relu_slope(model: nn.Module, slope: float) -> None:
+    """Use ``slope`` for every LeakyReLU of the model: the generator's modules and the encoder's
+    module-wide constant (which this changes for the whole process; :func:`train` restores it)."""
+    equivariant.LEAK = float(slope)
+    for module in model.modules():
+        if isinstance(module, nn.LeakyReLU):
+            module.negative_slope = float(slope)
+
+
 def train(args: argparse.Namespace, images) -> list[dict]:
     """Train one model; returns one dict of :data:`KEPT_METRICS` per epoch."""
     seed_everything(args.seed)
     model = build_model(model_config(args, int(images.shape[-1])))
     if args.learnable_fourier:
         make_fourier_learnable(model)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=validation_fraction(args),
-                             seed=args.seed, device="cpu", precision="fp32", early_stop_patience=0)
-    with tempfile.TemporaryDirectory(prefix="elbo_per_epoch_") as folder:
-        run = RunDirectory(Path(folder) / "run")
-        run.create(overwrite=True)
-        run.write_config({"model": model.config_dict(), "train": vars(settings), "data": {}, "pixel_size": 1.0,
-                          "box": int(images.shape[-1])})
-        rows = Trainer(model, ArrayDataset(images), settings, run).fit()
+    encoder_slope = equivariant.LEAK
+    try:
+        if args.leaky_relu_slope is not None:
+            set_leaky_relu_slope(model, args.leaky_relu_slope)
+        settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 val_fraction=validation_fraction(args), seed=args.seed, device="cpu", precision="fp32",
+                                 early_stop_patience=0)
+        with tempfile.TemporaryDirectory(prefix="elbo_per_epoch_") as folder:
+            run = RunDirectory(Path(folder) / "run")
+            run.create(overwrite=True)
+            run.write_config({"model": model.config_dict(), "train": vars(settings), "data": {}, "pixel_size": 1.0,
+                              "box": int(images.shape[-1])})
+            rows = Trainer(model, ArrayDataset(images), settings, run).fit()
+    finally:
+        equivariant.LEAK = encoder_slope
     return [{key: row[key] for key in KEPT_METRICS if key in row} | {"epoch": row["epoch"] + 1} for row in rows]
 
 
@@ -153,6 +171,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--learnable-fourier", action="store_true", help="train the Fourier frequencies too")
     parser.add_argument("--no-subpixel", action="store_true",
                         help="no continuous translation offset inside a cell (the paper has none; ours is on by default)")
+    parser.add_argument("--leaky-relu-slope", type=float,
+                        help="negative slope of every LeakyReLU (default: ours, 0.2; the authors' code: 0.01, PyTorch's default)")
     parser.add_argument("--translation-prior-std", type=float, default=5.0, help="std of p(t), pixels (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seeds data order, initialisation and sampling (default: 0)")
     args = parser.parse_args(argv)

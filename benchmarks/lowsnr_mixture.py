@@ -144,10 +144,9 @@ def normalise_for_relion(sim: Path) -> dict:
 def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> tuple[dict, Path]:
     """RELION 2D classification of the normalised particles; returns (timing, data STAR of the last iteration).
 
-    A finished run in ``work`` is reused when its command and the normalised stack's checksum are the same.
+    A finished run in ``work`` is reused when its command and the simulated stack's checksum are the same.
     """
     work.mkdir(parents=True, exist_ok=True)
-    norm_stack = sim / "particles_norm.mrcs"
     steps = {}
     out = work / "run"
     final_star = Path(f"{out}_it{iterations:03d}_data.star")
@@ -156,17 +155,20 @@ def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> 
                "--oversampling", "1", "--psi_step", "6", "--offset_range", "5", "--offset_step", "1", "--norm", "--scale",
                "--j", str(threads), "--pool", "30", "--pad", "2", "--dont_combine_weights_via_disc", "--random_seed", "0"]
     record_path = work / "relion_run.json"
-    stack_digest = file_digest(norm_stack)
+    # the key is the simulated stack RELION's input was made from: relion_preprocess's output differs
+    # between runs in its header even when the particles are the same
+    stack_digest = file_digest(sim / "particles.mrcs")
     if record_path.exists() and final_star.exists():
         record = json.loads(record_path.read_text())
-        if record.get("command") == " ".join(map(str, command)) and record.get("stack_sha256") == stack_digest:
-            print(f"reusing the RELION K={k} run in {work} (same command, same normalised stack)")
+        if record.get("command") == " ".join(map(str, command)) and record.get("simulated_stack_sha256") == stack_digest:
+            print(f"reusing the RELION K={k} run in {work} (same command, same simulated stack)")
             steps[f"relion_refine_k{k}"] = record["timing"]
             return steps, final_star
     # RELION resolves rlnImageName from the folder it runs in: the STAR's own folder here
     timing = timed(command, work / "relion_refine.log", cwd=sim)
     steps[f"relion_refine_k{k}"] = timing
-    record_path.write_text(json.dumps({"command": timing["command"], "stack_sha256": stack_digest, "timing": timing}, indent=2) + "\n")
+    record_path.write_text(json.dumps({"command": timing["command"], "simulated_stack_sha256": stack_digest, "timing": timing},
+                                      indent=2) + "\n")
     return steps, final_star
 
 

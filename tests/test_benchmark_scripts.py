@@ -81,13 +81,17 @@ def test_elbo_per_epoch_script_accumulates_settings_at_toy_size(tmp_path, data_r
     toy = ["--data-dir", str(data_root), "--out", str(out), "--n", "40", "--epochs", "2", "--batch-size", "10",
            "--fields", "4", "--gen-hidden", "16", "--fourier-features", "8"]
     fixed = script.main([*toy, "--label", "fixed"])
-    trained = script.main([*toy, "--label", "trained", "--learnable-fourier", "--no-subpixel", "--extra-validation", "10"])
+    trained = script.main([*toy, "--label", "trained", "--learnable-fourier", "--no-subpixel", "--extra-validation", "10",
+                           "--leaky-relu-slope", "0.01"])
     assert [row["epoch"] for row in fixed["epochs"]] == [1, 2]
     assert all(row["val_elbo"] < 0 and row["train_elbo"] < 0 for row in fixed["epochs"] + trained["epochs"])
     assert "train_kl_offset" in fixed["epochs"][0] and "train_kl_offset" not in trained["epochs"][0]
     saved = json.loads(out.read_text())
     assert set(saved) == {"fixed", "trained"} and saved["trained"]["settings"]["extra_validation"] == 10
     assert "| 2 |" in script.table(saved)
+    from particle_vae.nn import equivariant
+
+    assert equivariant.LEAK == 0.2  # the slope of the run is not left behind for other models
 
 
 def test_throughput_script_runs_at_toy_size():

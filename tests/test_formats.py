@@ -19,7 +19,7 @@ from particle_vae import cli
 from particle_vae.conventions import euler_to_matrix, matrix_to_euler
 from particle_vae.data.ctf import ctf_from_table, effective_ctf
 from particle_vae.io.cryosparc import UID_COLUMN, cryosparc_to_star, read_cryosparc
-from particle_vae.io.star import ParticleStar, read_star, write_star
+from particle_vae.io.star import PROJECT_LEVELS_SEARCHED, ParticleStar, read_star, write_star
 
 REPO = Path(__file__).resolve().parents[1]
 J2 = "cryosparc_J2_particles_exported.cs"  # 22 particles, alignments2D, exported ('>' paths)
@@ -69,7 +69,9 @@ def test_info_no_images_summarises_every_shipped_file(formats_dir, capsys, monke
     assert polished["first_missing_stack"]["name"] == "Polish/job520/Micrographs/0003_shiny.mrcs"
     assert polished["first_missing_stack"]["looked_in"] == [str(formats_dir / "Polish/job520/Micrographs/0003_shiny.mrcs"),
                                                            str(formats_dir / "0003_shiny.mrcs"),
-                                                           str(tmp_path / "Polish/job520/Micrographs/0003_shiny.mrcs")]
+                                                           str(tmp_path / "Polish/job520/Micrographs/0003_shiny.mrcs")] + [
+        str(folder / "Polish/job520/Micrographs/0003_shiny.mrcs")
+        for folder in list(formats_dir.resolve().parents)[:PROJECT_LEVELS_SEARCHED]]  # a project folder above the STAR's
     refined = summaries["FinalRefinement-OriginalParticles-PfCRT.star"]
     assert refined["star_format"] == "RELION 3.0" and refined["particles"] == 5 and refined["pixel_size_angst"] == pytest.approx(1.035)
     assert refined["pose_columns"] == ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY"]

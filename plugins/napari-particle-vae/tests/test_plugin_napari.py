@@ -479,9 +479,12 @@ def test_200k_particle_star_opens_and_shows_a_large_selection_quickly(viewer, qt
     assert widget.sample.n_shown == 128 and widget.sample.n_selected == mask.sum()
     print(f"200k particles: open {opening:.2f} s, show a page of 64 of {int(mask.sum()):,} selected {timings['show']:.2f} s, "
           f"show 64 more {timings['more']:.2f} s")
-    assert opening < 6.0, f"opening 200,000 particles took {opening:.2f} s"
-    assert timings["show"] < 5.0, f"showing 64 of {int(mask.sum()):,} selected particles took {timings['show']:.2f} s"
-    assert timings["more"] < 5.0, f"showing 64 more took {timings['more']:.2f} s"
+    # The bounds separate the two algorithms, not fast from slow machines: reading every selected particle took
+    # 36 s for a 78,000-particle lasso on an idle 2-core machine, reading one page 0.3-2.8 s (5.1 s while the
+    # machine ran two other jobs); 15 s leaves a factor of 3 for load on either side.
+    assert opening < 20.0, f"opening 200,000 particles took {opening:.2f} s"
+    assert timings["show"] < 15.0, f"showing 64 of {int(mask.sum()):,} selected particles took {timings['show']:.2f} s"
+    assert timings["more"] < 15.0, f"showing 64 more took {timings['more']:.2f} s"
 
 
 def test_screenshot_script(viewer, sample_run: Path, tmp_path: Path):
