@@ -295,8 +295,8 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
 
 def local_refine(spectra: torch.Tensor, ctf: torch.Tensor | None, references: torch.Tensor, inv_sigma2: torch.Tensor,
                  classes: torch.Tensor, psi_deg: torch.Tensor, shift_px: torch.Tensor, cutoff: float,
-                 angle_range: float, n_angles: int = 9, shift_range: float = 1.0, n_shifts: int = 9,
-                 return_score: bool = False):
+                 angle_range: float, n_angles: int = 9, shift_range: float = 1.0,
+                 n_shifts: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine each particle's pose on a fine grid around a starting pose, against its own class only.
 
     Args:
@@ -306,9 +306,7 @@ def local_refine(spectra: torch.Tensor, ctf: torch.Tensor | None, references: to
         angle_range: degrees either side of the start (``n_angles`` angles, odd);
         shift_range: pixels either side of the start on each axis (``n_shifts`` values, odd).
     Returns:
-        ``(psi_deg (B,), shift_px (B, 2))``, the best of the fine grid refined by a parabola through its neighbours;
-        with ``return_score`` also ``(B,)`` float64, the log-likelihood (up to a constant per particle) at the best
-        grid point, comparable between references for the same particle.
+        ``(psi_deg (B,), shift_px (B, 2))``, the best of the fine grid refined by a parabola through its neighbours.
     """
     n = spectra.shape[-2]
     device = spectra.device
@@ -346,6 +344,4 @@ def local_refine(spectra: torch.Tensor, ctf: torch.Tensor | None, references: to
     psi = angles[rows, aa] + angle_step * neighbour_offset(aa, n_angles, lambda i: loglik[rows, i, yy, xx])
     new_x = dx[rows, xx] + shift_step * neighbour_offset(xx, n_shifts, lambda i: loglik[rows, aa, yy, i])
     new_y = dy[rows, yy] + shift_step * neighbour_offset(yy, n_shifts, lambda i: loglik[rows, aa, i, xx])
-    if return_score:
-        return psi % 360.0, torch.stack([new_x, new_y], dim=1), centre
     return psi % 360.0, torch.stack([new_x, new_y], dim=1)
