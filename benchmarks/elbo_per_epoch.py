@@ -45,7 +45,6 @@ from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR
 from particle_vae.engine.run import RunDirectory
 from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.models import build_model
-from particle_vae.nn import equivariant
 
 log = logging.getLogger("benchmark")
 
@@ -64,6 +63,8 @@ def model_config(args: argparse.Namespace, box: int) -> dict:
               "subpixel": not args.no_subpixel, "seed": args.seed}
     if prior_std is not None:
         config["theta_prior_std"] = prior_std
+    if args.leaky_relu_slope is not None:
+        config["leaky_relu_slope"] = args.leaky_relu_slope
     return config
 
 
@@ -82,15 +83,6 @@ def validation_fraction(args: argparse.Namespace) -> float:
     return args.extra_validation / (args.n + args.extra_validation)
 
 
-def set_leaky_relu_slope(model: nn.Module, slope: float) -> None:
-    """Use ``slope`` for every LeakyReLU of the model: the generator's modules and the encoder's
-    module-wide constant (which this changes for the whole process; :func:`train` restores it)."""
-    equivariant.LEAK = float(slope)
-    for module in model.modules():
-        if isinstance(module, nn.LeakyReLU):
-            module.negative_slope = float(slope)
-
-
 def train(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
     """Train one model on ``images`` ``(N, 50, 50)`` in [0, 1]; returns one dict of :data:`KEPT_METRICS`
     per epoch (ELBO and its terms in nats per image, seconds)."""
@@ -98,21 +90,15 @@ def train(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
     model = build_model(model_config(args, int(images.shape[-1])))
     if args.learnable_fourier:
         make_fourier_learnable(model)
-    encoder_slope = equivariant.LEAK
-    try:
-        if args.leaky_relu_slope is not None:
-            set_leaky_relu_slope(model, args.leaky_relu_slope)
-        settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                 val_fraction=validation_fraction(args), seed=args.seed, device="cpu", precision="fp32",
-                                 early_stop_patience=0)
-        with tempfile.TemporaryDirectory(prefix="elbo_per_epoch_") as folder:
-            run = RunDirectory(Path(folder) / "run")
-            run.create(overwrite=True)
-            run.write_config({"model": model.config_dict(), "train": vars(settings), "data": {}, "pixel_size": 1.0,
-                              "box": int(images.shape[-1])})
-            rows = Trainer(model, ArrayDataset(images), settings, run).fit()
-    finally:
-        equivariant.LEAK = encoder_slope
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             val_fraction=validation_fraction(args), seed=args.seed, device="cpu", precision="fp32",
+                             early_stop_patience=0)
+    with tempfile.TemporaryDirectory(prefix="elbo_per_epoch_") as folder:
+        run = RunDirectory(Path(folder) / "run")
+        run.create(overwrite=True)
+        run.write_config({"model": model.config_dict(), "train": vars(settings), "data": {}, "pixel_size": 1.0,
+                          "box": int(images.shape[-1])})
+        rows = Trainer(model, ArrayDataset(images), settings, run).fit()
     return [{key: row[key] for key in KEPT_METRICS if key in row} | {"epoch": row["epoch"] + 1} for row in rows]
 
 

@@ -38,6 +38,7 @@ MODEL_OPTIONS = {
     "encoder": "encoder", "rotation": "rotation", "translation_prior_std": "translation_prior_std",
     "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
     "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
+    "leaky_relu_slope": "leaky_relu_slope",
     "gumbel_temperature": "gumbel_temperature", "mixing": "mixing", "likelihood_mask": "mask_radius", "beta": "beta",
     "enc_hidden": "enc_hidden", "enc_layers": "enc_layers", "enc_channels": "enc_channels",
     "clusters": "n_clusters", "cluster_dim": "cluster_dim", "lie_group": "group", "invariance_weight": "invariance_weight",
@@ -198,6 +199,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--fourier-features", type=int, help=f"random Fourier frequencies of the generator {_model_default('n_fourier')}")
     model.add_argument("--fourier-bandwidth", type=float,
                        help=f"std of the Fourier frequencies, cycles per pixel {_model_default('fourier_bandwidth')}")
+    model.add_argument("--leaky-relu-slope", type=float,
+                       help=f"TARGET-VAE: negative slope of the LeakyReLUs of encoder and generator {_model_default('leaky_relu_slope')}; "
+                            "the authors' code uses 0.01")
     model.add_argument("--gumbel-temperature", type=float,
                        help=f"TARGET-VAE: temperature of the Gumbel-softmax sample of the pose cell {_model_default('gumbel_temperature')}")
     model.add_argument("--likelihood-mask", type=float,

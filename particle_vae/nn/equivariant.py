@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from particle_vae.nn.mlp import DEFAULT_LEAKY_RELU_SLOPE
 from particle_vae.nn.precision import matmul_dtype
 from particle_vae.nn.rot90_harmonics import filters_are_quarter_turn_symmetric, harmonic_filters, quarter_turn_group_conv
-
-LEAK = 0.2
 
 
 def _e2cnn():
@@ -55,6 +54,9 @@ class GroupConvEncoder(nn.Module):
         n_fields: hidden fields (paper: 128).
         kernel, padding: of the first convolution, pixels (paper MNIST: 28, 8).
         plain: use ordinary convolutions (``n_fields`` channels), no rotation channels.
+        mixing: ``"full"`` or ``"shared"`` 1x1 group convolutions (see the module docstring).
+        leaky_relu_slope: negative slope of the LeakyReLU between the layers (0.2 here;
+            the TARGET-VAE authors' code uses PyTorch's default, 0.01).
     Shapes:
         input ``(B, 1, N, N)`` -> output ``(B, n_out, R, M, M)`` with
         ``M = N + 2 padding - kernel + 1`` and ``R = 1`` when ``plain``, else
@@ -62,8 +64,9 @@ class GroupConvEncoder(nn.Module):
     """
 
     def __init__(self, group_order: int, n_out: int, n_fields: int = 128, kernel: int = 28, padding: int = 8,
-                 plain: bool = False, mixing: str = "full"):
+                 plain: bool = False, mixing: str = "full", leaky_relu_slope: float = DEFAULT_LEAKY_RELU_SLOPE):
         super().__init__()
+        self.leaky_relu_slope = float(leaky_relu_slope)
         if mixing not in ("full", "shared"):
             raise ValueError(f"mixing must be 'full' or 'shared', not {mixing!r}")
         self.group_order = int(group_order)
@@ -117,7 +120,7 @@ class GroupConvEncoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x)
                 if i < len(self.layers) - 1:
-                    x = F.leaky_relu(x, LEAK)
+                    x = F.leaky_relu(x, self.leaky_relu_slope)
             return x[:, :, None]
         _, enn = _e2cnn()
         if self.shared_mixing:
@@ -126,7 +129,7 @@ class GroupConvEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = enn.GeometricTensor(F.leaky_relu(x.tensor, LEAK), x.type)
+                x = enn.GeometricTensor(F.leaky_relu(x.tensor, self.leaky_relu_slope), x.type)
         out = x.tensor
         batch, _, height, width = out.shape
         return out.view(batch, self.n_out, self.group_order, height, width)
@@ -142,7 +145,8 @@ class GroupConvEncoder(nn.Module):
                 padded = F.pad(images[:, 0].to(dtype), (self.padding,) * 4)
                 x = quarter_turn_group_conv(padded, filters, self.kernel)
                 quarters, batch, height, width, _ = x.shape
-                x = self._mix_channels(F.leaky_relu_(x.view(quarters, batch, height, width, r // 4, -1), LEAK), filters["mixing"])
+                x = F.leaky_relu_(x.view(quarters, batch, height, width, r // 4, -1), self.leaky_relu_slope)
+                x = self._mix_channels(x, filters["mixing"])
                 return x.permute(1, 5, 0, 4, 2, 3).reshape(batch, self.n_out, r, height, width)
         # the e2cnn layer keeps its expanded filter cached in eval mode; in training it is rebuilt each step
         weight, bias = (first.filter, first.expanded_bias) if not first.training else first.expand_parameters()
@@ -161,7 +165,7 @@ class GroupConvEncoder(nn.Module):
                          bias.to(images.dtype), padding=self.padding).permute(0, 2, 3, 1)
         batch, height, width, _ = x.shape
         # not in place: in place on this view of the product would cost a full gradient copy in backward
-        x = self._mix_channels(F.leaky_relu(x.reshape(batch, height, width, r, n_fields), LEAK))
+        x = self._mix_channels(F.leaky_relu(x.reshape(batch, height, width, r, n_fields), self.leaky_relu_slope))
         return x.permute(0, 4, 3, 1, 2).contiguous()  # (B, n_out, r, H, W)
 
     def _mix_channels(self, x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
@@ -172,7 +176,7 @@ class GroupConvEncoder(nn.Module):
         for i, (weight, bias) in enumerate(weights):
             x = F.linear(x, weight, bias)
             if i < len(weights) - 1:
-                x = F.leaky_relu(x, LEAK, inplace=True)  # the product's backward does not need its output
+                x = F.leaky_relu(x, self.leaky_relu_slope, inplace=True)  # the product's backward does not need its output
         return x
 
     def _quarter_turn_filters(self, dtype: torch.dtype) -> dict | None:

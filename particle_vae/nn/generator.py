@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from particle_vae.conventions import grid_half_width, normalized_grid, rotation_matrix, transform_coordinates
+from particle_vae.nn.mlp import DEFAULT_LEAKY_RELU_SLOPE
 from particle_vae.nn.precision import matmul_dtype
 
 
@@ -136,10 +137,11 @@ class SpatialGenerator(nn.Module):
             converted to normalised units with the box, so the same value means
             the same resolution for any box.
         seed: seed of the fixed Fourier frequencies.
+        leaky_relu_slope: negative slope of the LeakyReLUs between the layers.
     """
 
     def __init__(self, box: int, zdim: int, hidden: int = 512, n_layers: int = 2, n_features: int = 256,
-                 bandwidth: float = 0.1, seed: int = 0):
+                 bandwidth: float = 0.1, seed: int = 0, leaky_relu_slope: float = DEFAULT_LEAKY_RELU_SLOPE):
         super().__init__()
         self.box, self.zdim = int(box), int(zdim)
         self.register_buffer("grid", normalized_grid(box).reshape(-1, 2), persistent=False)
@@ -155,8 +157,8 @@ class SpatialGenerator(nn.Module):
         self.latent_branch = nn.Linear(zdim, hidden, bias=False) if zdim > 0 else None
         layers: list[nn.Module] = []
         for _ in range(max(n_layers - 1, 0)):
-            layers += [nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, hidden)]
-        layers += [nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, 1)]
+            layers += [nn.LeakyReLU(leaky_relu_slope, inplace=True), nn.Linear(hidden, hidden)]
+        layers += [nn.LeakyReLU(leaky_relu_slope, inplace=True), nn.Linear(hidden, 1)]
         self.trunk = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor | None, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
