@@ -197,25 +197,200 @@ def test_matrix_to_euler_inverts_euler_to_matrix():
 # --------------------------------------------------------------------------- the round trip through `export`
 
 
+def read_csg(path: Path) -> dict:
+    """A .csg file read by the plain text rules of the block YAML cryoSPARC writes (two-space indents,
+    ``key: value``, single-quoted scalars with '' for a quote); checked against PyYAML where installed."""
+    root: dict = {}
+    stack = [(-1, root)]
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key, _, value = line.strip().partition(": ") if ": " in line else (line.strip().rstrip(":"), "", "")
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        if value == "":
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+        elif value.startswith("'") and value.endswith("'"):
+            parent[key] = value[1:-1].replace("''", "'")
+        else:
+            parent[key] = int(value) if value.isdigit() else value
+    try:
+        import yaml
+    except ImportError:
+        return root
+    parsed = yaml.safe_load(path.read_text())
+    parsed["created"] = str(parsed["created"])  # YAML reads the timestamp as a datetime
+    assert parsed == root, (parsed, root)
+    return root
+
+
+def assert_same_records(got: np.ndarray, expected: np.ndarray, skip=()) -> None:
+    assert got.dtype == expected.dtype
+    for field in expected.dtype.names:
+        if field not in skip:
+            assert np.array_equal(got[field], expected[field]), field
+
+
 @pytest.mark.parametrize("name", [J2, P12])
-def test_cs_to_star_and_back_gives_the_same_values(formats_dir, tmp_path, capsys, monkeypatch, name):
+def test_cs_to_star_and_back_gives_every_field_back_exactly(formats_dir, tmp_path, capsys, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     original = np.load(formats_dir / name)
     assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
     assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "plain.cs"], capsys)[0] == 0
     assert run(["-q", "export", "p.star", "--to", "cryosparc", "--template", str(formats_dir / name), "--out", "t.cs"], capsys)[0] == 0
-    plain, templated = np.load("plain.cs"), np.load("t.cs")
-    assert templated.dtype == original.dtype and (templated == original).all()  # every field, bit for bit
+    # without a template, from the STAR alone: every field (scores, ctf/type, blob/import_sig, '>' paths, 3D poses
+    # with their turns of 2 pi, ...) in its order and type, value for value
+    assert_same_records(np.load("plain.cs"), original)
+    assert_same_records(np.load("t.cs"), original)  # the template route, bit for bit as before
+    # RELION's programs rewrite a STAR with six decimals: that still counts as unchanged
+    star = read_star("p.star")
+    particles = star.blocks["particles"]
+    for column in particles.columns:
+        if column.startswith("rln") and particles[column].dtype.kind == "f":
+            particles[column] = particles[column].round(6)
+    star.blocks["optics"]["rlnImagePixelSize"] = star.blocks["optics"]["rlnImagePixelSize"].round(6)
+    write_star("six.star", star)
+    assert run(["-q", "export", "six.star", "--to", "cryosparc", "--out", "six.cs"], capsys)[0] == 0
+    assert_same_records(np.load("six.cs"), original)
+    # --drop-cryosparc-fields: the converted fields only
+    assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--drop-cryosparc-fields", "--out", "lean.star"], capsys)[0] == 0
+    assert not [c for c in ParticleStar("lean.star").particles.columns if c.startswith("pvaeCs_")]
+    assert run(["-q", "export", "lean.star", "--to", "cryosparc", "--out", "lean.cs"], capsys)[0] == 0
+    lean = np.load("lean.cs")
     slot = "alignments2D" if "alignments2D/pose" in original.dtype.names else "alignments3D"
-    for field in ("uid", "blob/idx", "blob/shape", "blob/psize_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast",
-                  "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/phase_shift_rad", "ctf/exp_group_id",
-                  f"{slot}/shift", f"{slot}/psize_A", f"{slot}/class"):
-        assert np.array_equal(plain[field], original[field]), field
-    if slot == "alignments2D":
-        assert np.array_equal(plain[f"{slot}/pose"], original[f"{slot}/pose"])
-    else:  # the same rotation; the axis-angle vector itself is only defined up to turns of 2 pi
-        rotation = [Rotation.from_rotvec(r[f"{slot}/pose"].astype(np.float64)).as_matrix() for r in (plain, original)]
-        assert np.abs(rotation[0] - rotation[1]).max() < 1e-6
+    assert (lean[f"{slot}/error"] == 0).all() and (original[f"{slot}/error"] != 0).any()  # scores at neutral values
+    assert np.array_equal(lean["ctf/df1_A"], original["ctf/df1_A"]) and "blob/import_sig" not in lean.dtype.names
+
+
+def test_changed_relion_columns_win_over_the_kept_values(formats_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a").mkdir()
+    for name in (J2, P12):
+        monkeypatch.chdir(tmp_path / "a" if name == J2 else tmp_path)
+        original = np.load(formats_dir / name)
+        assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+        star = ParticleStar("p.star")
+        angle = "rlnAnglePsi" if name == J2 else "rlnAngleRot"
+        angles = star.particles[angle].to_numpy().copy()
+        angles[0] += 10.0
+        defocus = star.particles["rlnDefocusU"].to_numpy().copy()
+        defocus[1] += 500.0
+        keep = np.arange(len(star)) != 2  # and a selection: particle 3 dropped
+        star.with_columns({angle: angles, "rlnDefocusU": defocus}).subset(np.flatnonzero(keep)).write("changed.star")
+        assert run(["-q", "export", "changed.star", "--to", "cryosparc", "--out", "changed.cs"], capsys)[0] == 0
+        got, expected = np.load("changed.cs"), original[keep]
+        assert len(got) == len(original) - 1
+        slot = "alignments2D" if name == J2 else "alignments3D"
+        assert_same_records(got[2:], expected[2:])  # the untouched particles, value for value
+        assert_same_records(got[:2], expected[:2], skip=(f"{slot}/pose", "ctf/df1_A"))
+        assert got["ctf/df1_A"][1] == np.float32(defocus[1]) and got["ctf/df1_A"][0] == expected["ctf/df1_A"][0]
+        assert np.array_equal(got[f"{slot}/pose"][1:], expected[f"{slot}/pose"][1:])
+        if name == J2:
+            assert got[f"{slot}/pose"][0] == np.float32(np.mod(np.radians(angles[0]), 2 * np.pi))
+        else:  # the new rotation, as RELION's Euler angles say
+            rotation = Rotation.from_rotvec(got[f"{slot}/pose"][0].astype(np.float64)).as_matrix().T
+            row = star.particles.iloc[0]
+            assert np.abs(rotation - euler_to_matrix([angles[0]], [row["rlnAngleTilt"]], [row["rlnAnglePsi"]])[0]).max() < 1e-6
+
+
+def test_kept_text_and_integer_fields_survive_any_value(tmp_path):
+    """Text that STAR readers would take for a number, a missing value or a keyword, bytes outside ASCII,
+    booleans, signed and 64-bit integers and integer arrays all come back unchanged."""
+    from particle_vae.io.cryosparc import kept_records
+
+    texts = [b"", b"01", b"nan", b"NA", b"data_x", b"_x", b"-1e5", b"a b#c;'d\"", b"%41", b"\xff\xfeutf", b"True", b"ok/path.mrc"]
+    n = len(texts)
+    records = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S16"), ("blob/idx", "<u4"), ("location/micrograph_path", "S16"),
+                                 ("location/name", "<U6"), ("pick_stats/flag", "?"), ("pick_stats/offset", "<i8"),
+                                 ("pick_stats/big", "<u8"), ("location/micrograph_shape", "<u4", (2,)), ("x/grid", "<f8", (2, 3))])
+    records["uid"] = np.arange(n, dtype=np.uint64) + np.uint64(2 ** 63)
+    records["blob/path"] = b"stack.mrcs"
+    records["blob/idx"] = np.arange(n)
+    records["location/micrograph_path"] = texts
+    records["location/name"] = ["", "1", "é", "x y", "None", "0.5"] * 2
+    records["pick_stats/flag"] = np.arange(n) % 2 == 0
+    records["pick_stats/offset"] = -(2 ** 62) + np.arange(n)
+    records["pick_stats/big"] = np.uint64(2 ** 64 - 1) - np.arange(n, dtype=np.uint64)
+    records["location/micrograph_shape"] = [[3710, 3838]] * n
+    records["x/grid"] = np.random.default_rng(0).normal(size=(n, 2, 3))
+    path = cryosparc_to_star(records).write(tmp_path / "odd.star")
+    again = kept_records(ParticleStar(path))
+    assert_same_records(again, records)
+
+
+def test_cryosparc_beam_tilt_becomes_relion_beam_tilt_in_mrad(formats_dir, tmp_path, capsys, monkeypatch):
+    from particle_vae.io.cryosparc import beam_tilt_mrad
+
+    # hand-computed: a coma coefficient of 270 nm = 2700 A at Cs 2.7 mm is a beam tilt of 2700 / (2.7 * 1e4) = 0.1 mrad
+    # (RELION's developers quote the same pair: "Cs = 2.7 mm, 0.1 mrad beam tilt -> 270 nm axial coma", RELION issue 698)
+    assert beam_tilt_mrad([[2700.0, -1350.0]], [2.7]) == pytest.approx(np.array([[0.1, -0.05]]), rel=1e-12)
+    # the phase RELION applies for that tilt (selfApplyBeamTilt: 0.360 Cs[mm] 1e7 lambda^2 |k|^2 (k . tilt[mrad]) degrees)
+    # equals 2 pi lambda^2 |k|^2 (k . t) with the coma coefficient t in Angstrom
+    from particle_vae.data.ctf import electron_wavelength
+    lam, k = electron_wavelength(300.0), np.array([0.21, -0.13])
+    relion_rad = np.radians(0.360 * 2.7 * 1e7 * lam ** 2 * (k @ k) * (k @ np.array([0.1, -0.05])))
+    assert relion_rad == pytest.approx(2 * np.pi * lam ** 2 * (k @ k) * (k @ np.array([2700.0, -1350.0])), rel=1e-12)
+
+    monkeypatch.chdir(tmp_path)
+    records = read_cryosparc(formats_dir / J2)
+    records["ctf/tilt_A"] = [2700.0, -1350.0]
+    with open("tilted.cs", "wb") as handle:
+        np.save(handle, records)
+    star = cryosparc_to_star(records)
+    optics = star.optics.iloc[0]
+    assert (optics["rlnBeamTiltX"], optics["rlnBeamTiltY"]) == pytest.approx((0.1, -0.05), rel=1e-9)
+    assert run(["-q", "export", "tilted.cs", "--to", "relion", "--out", "tilted.star"], capsys)[0] == 0
+    assert run(["-q", "export", "tilted.star", "--to", "cryosparc", "--out", "back.cs"], capsys)[0] == 0
+    assert_same_records(np.load("back.cs"), records)
+    # a changed RELION beam tilt comes back as ctf/tilt_A = mrad * Cs[mm] * 1e4
+    tilted = read_star("tilted.star")
+    tilted.blocks["optics"]["rlnBeamTiltX"] = 0.2
+    write_star("more.star", tilted)
+    assert run(["-q", "export", "more.star", "--to", "cryosparc", "--out", "more.cs"], capsys)[0] == 0
+    assert np.load("more.cs")["ctf/tilt_A"][:, 0] == pytest.approx(5400.0, rel=1e-6)
+    # a RELION 5 STAR without a template: rlnBeamTiltX/Y 0.043489, 0.014097 mrad at Cs 1.6 mm
+    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--out", "r5.cs"], capsys)
+    assert code == 0, err
+    assert np.load("r5.cs")["ctf/tilt_A"][0] == pytest.approx([0.043489 * 1.6e4, 0.014097 * 1.6e4], rel=1e-6)  # 695.824, 225.552 A
+    assert "rlnOddZernike, rlnEvenZernike, rlnMagMat00" in err and "rlnBeamTiltX" not in err
+
+
+def test_a_csg_result_group_is_written_beside_the_cs(formats_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["-q", "export", str(formats_dir / P12), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "out/sel.cs"], capsys)[0] == 0
+    group = read_csg(Path("out/sel.csg"))
+    assert set(group) == {"created", "group", "results"} and group["group"]["type"] == "particle"
+    assert group["results"] == {slot: {"metafile": ">sel.cs", "num_items": 2019, "type": f"particle.{slot}"}
+                                for slot in ("alignments3D", "blob", "ctf")}
+    # an export's own .csg beside the template lends its group and cryoSPARC version
+    export = tmp_path / "exports" / "J24_particles"
+    export.mkdir(parents=True)
+    shutil.copy(formats_dir / J2, export / "J24_particles_exported.cs")
+    (export / "J24_particles_exported.csg").write_text(
+        "created: 2024-05-01 10:00:00.000000\ngroup:\n  description: All particles\n  name: particles\n  title: All particles\n"
+        "  type: particle\nresults:\n  blob:\n    metafile: '>J24_particles_exported.cs'\n    num_items: 22\n"
+        "    type: particle.blob\nversion: v4.4.1\n")
+    assert run(["-q", "export", str(export / "J24_particles_exported.cs"), "--to", "relion", "--out", "j.star"], capsys)[0] == 0
+    ParticleStar("j.star").subset(np.arange(5)).write("five.star")
+    target = export / "it's five.cs"
+    code, _, err = run(["-q", "export", "five.star", "--to", "cryosparc", "--template", str(export / "J24_particles_exported.cs"),
+                        "--out", str(target)], capsys)
+    assert code == 0, err
+    group = read_csg(target.with_suffix(".csg"))
+    assert group["version"] == "v4.4.1" and group["group"]["title"] == "All particles"
+    assert group["results"]["alignments2D"] == {"metafile": ">it's five.cs", "num_items": 5, "type": "particle.alignments2D"}
+    assert set(group["results"]) == {"alignments2D", "blob", "ctf"}
+    # an existing .csg is refused before anything is written; --no-csg writes none
+    code, _, err = run(["export", "p.star", "--to", "cryosparc", "--out", "out/sel.cs"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "sel.cs" in err and "--overwrite" in err
+    Path("out/sel.cs").unlink()
+    code, _, err = run(["export", "p.star", "--to", "cryosparc", "--out", "out/sel.cs"], capsys)
+    assert code == 2 and "sel.csg" in err and not Path("out/sel.cs").exists()
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--no-csg", "--out", "lone.cs"], capsys)[0] == 0
+    assert Path("lone.cs").is_file() and not Path("lone.csg").exists()
 
 
 # --------------------------------------------------------------------------- a cryoSPARC project through train, infer, export
@@ -271,6 +446,10 @@ def test_a_cs_file_trains_infers_and_goes_back_to_cryosparc(cryosparc_project, t
     assert np.allclose(selected["alignments2D/pose"], np.mod(np.radians(psi), 2 * np.pi), atol=1e-6)
     origin = inferred.particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()[::2]
     assert np.allclose(selected["alignments2D/shift"], origin / 4.0, atol=1e-5)
+    # without the template: infer kept the pvaeCs_ columns, so the same records come back from the STAR alone
+    plain = cryosparc_project / "J2" / "selected_plain.cs"
+    assert run(["-q", "export", str(keep), "--to", "cryosparc", "--out", str(plain)], capsys)[0] == 0
+    assert_same_records(np.load(plain), selected)
 
 
 # --------------------------------------------------------------------------- errors

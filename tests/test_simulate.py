@@ -217,6 +217,66 @@ def test_written_ctf_columns_reproduce_the_applied_ctf(tmp_path, structures_dir,
     assert np.linalg.norm(off - observed) / np.linalg.norm(observed) > 100 * max(error, 1e-5)
 
 
+def test_premultiplied_particles_are_the_recorded_ones_multiplied_by_their_ctf_again(tmp_path, structures_dir, t20s_density):
+    """CTF * (CTF * projection + noise), checked against the same particles simulated without premultiplication.
+
+    The output box is odd (Fourier-cropped 40 -> 39 px): an even box has a Nyquist column in the rfft2 grid that
+    is its own mirror image, where a real image can only carry the CTF averaged over ky and -ky (apply_ctf's
+    inverse transform averages), so there applying the CTF twice differs from applying its square."""
+    from particle_vae.data.particles import open_source
+
+    out = 39
+    runs = {}
+    for name, kw in (("noctf", dict(ctf=False)), ("plain", {}), ("pm", dict(ctf_premultiplied=True))):
+        for snr in (None, 0.5):
+            config = _config(structures_dir, snr=snr, write_clean=True, bfactor=40.0, downsample_to=out, **kw)
+            runs[name, snr] = sim.run_simulation(config, tmp_path / f"{name}_{snr}", progress=False, densities=[t20s_density])
+    apix = runs["pm", None].summary["settings"]["output_pixel_size"]
+    table = ParticleStar(runs["pm", None].files["particles.star"]).ctf_parameters()
+    ctf = ctf_from_table(table, out, apix, dtype=torch.float32)  # the simulator's float32 CTF (both evaluate in float64)
+    c64 = ctf.to(torch.float64)
+    projection = torch.as_tensor(_read(tmp_path / "noctf_None", "particles.mrcs"))  # shifted projections, no CTF
+    plain = _read(tmp_path / "plain_None", "particles.mrcs")
+    premultiplied = _read(tmp_path / "pm_None", "particles.mrcs")
+    expected = torch.fft.irfft2(c64 * c64 * torch.fft.rfft2(projection), s=(out, out)).numpy()
+    # Tolerance from float32 rounding (unit roundoff u = 2^-24): the recorded image is rounded to float32 once
+    # (|error| <= u |plain| per pixel), multiplied by the CTF (|CTF| <= 1 does not grow an L2 error) and the
+    # result rounded once more (<= u |premultiplied|); the float64 FFTs add ~1e-15 relative.
+    u = 2.0 ** -24
+    norm = lambda a: np.linalg.norm(a.reshape(len(a), -1), axis=1)  # noqa: E731
+    bound = u * (norm(plain) + norm(premultiplied)) + 1e-12 * norm(projection.numpy())
+    assert np.all(norm(premultiplied - expected) <= bound)
+    assert np.all(norm(premultiplied - plain) > 1e3 * bound)  # the premultiplication is not a no-op
+    np.testing.assert_array_equal(_read(tmp_path / "pm_None", "clean.mrcs"), premultiplied)  # clean.mrcs: as stored
+    # with noise: the same noise as without premultiplication (the SNR is that of the recorded image), then the CTF again
+    noisy_plain = _read(tmp_path / "plain_0.5", "particles.mrcs")
+    noisy = _read(tmp_path / "pm_0.5", "particles.mrcs")
+    again = torch.fft.irfft2(c64 * torch.fft.rfft2(torch.as_tensor(noisy_plain)), s=(out, out)).numpy()
+    assert np.all(norm(noisy - again) <= u * norm(noisy) + 1e-12 * norm(noisy_plain))
+    assert runs["pm", 0.5].noise_sigma == runs["plain", 0.5].noise_sigma
+    assert runs["pm", 0.5].snr_measured == runs["plain", 0.5].snr_measured == pytest.approx(0.5, rel=0.1)
+    summary = json.loads(runs["pm", 0.5].files["simulation.json"].read_text())
+    assert summary["ctf_premultiplied"] is True and "before the CTF premultiplication" in summary["snr_definition"]
+    # the written STAR carries the flag in its optics block, and the reader hands it on: effective_ctf is CTF^2
+    from particle_vae.data.ctf import effective_ctf
+    from particle_vae.io.star import PREMULTIPLIED, read_star
+
+    optics = read_star(runs["pm", 0.5].files["particles.star"]).blocks["optics"]
+    assert PREMULTIPLIED in optics.columns and optics[PREMULTIPLIED].tolist() == [1]
+    assert PREMULTIPLIED not in read_star(runs["plain", 0.5].files["particles.star"]).blocks["optics"].columns
+    for name, squared in (("pm", True), ("plain", False)):
+        source = open_source(runs[name, 0.5].files["particles.star"])
+        params = source.star.ctf_parameters()
+        assert params["premultiplied"].tolist() == [squared] * 12
+        physical = ctf_from_table(params, out, source.pixel_size, dtype=torch.float64)
+        assert torch.equal(effective_ctf(params, out, source.pixel_size, dtype=torch.float64), physical ** 2 if squared else physical)
+
+
+def test_premultiplied_needs_a_ctf(structures_dir, t20s_density):
+    with pytest.raises(sim.InputFileError, match="--ctf-premultiplied"):
+        sim.Simulator(_config(structures_dir, ctf=False, ctf_premultiplied=True), [t20s_density])
+
+
 # --------------------------------------------------------------------- outputs
 
 def test_outputs_read_back_with_all_columns(tmp_path, structures_dir, t20s_density):
@@ -309,6 +369,12 @@ def test_cli_end_to_end(tmp_path, data_root, run_cli):
     assert code == 0, err
     assert MRCStack(out / "particles.mrcs").shape == (6, 16, 16)
     assert ParticleStar(out / "particles.star").pixel_size() == pytest.approx(16.0)
+    code, err = run_cli(*args, "--overwrite", "--ctf-premultiplied")
+    assert code == 0, err
+    assert ParticleStar(out / "particles.star").optics["rlnCtfDataAreCtfPremultiplied"].tolist() == [1]
+    assert json.loads((out / "simulation.json").read_text())["settings"]["ctf_premultiplied"] is True
+    code, err = run_cli(*args, "--overwrite", "--ctf-premultiplied", "--no-ctf")
+    assert code == 2 and err.count("\n") == 1 and "--ctf-premultiplied" in err and "--no-ctf" in err
 
 
 def test_cli_error_paths_name_the_file(tmp_path, data_root, run_cli):

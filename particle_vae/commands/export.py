@@ -18,7 +18,20 @@ blob/path is relative to --project-dir, here the cryoSPARC project folder. With
 are matched by the pvaeCryosparcUid column that particle-vae keeps from a .cs
 input, and every field the STAR does not carry (blob/path, statistics, the
 higher-order CTF terms) is copied from the matched row; a .cs input is its own
-template. Examples:
+template. Without --template, a STAR converted from a .cs (by export --to
+relion, or read by info/train/infer, which keep every column) carries every
+field of the .cs in pvaeCs_<type>_<field> columns: the .cs written from it
+has the original fields in their order and type, those RELION has no column
+for (scores, ctf/type, location/*, trefoil, tetrafoil, anisotropic
+magnification) as they were, and the converted ones (CTF, pose, image) from
+the STAR's RELION columns, with their exact original values where those
+columns are unchanged. A .cs -> STAR -> .cs round trip therefore gives back
+the same file, and a selection or a new pose comes back as such.
+
+Beside the .cs, FILE.csg is written (--no-csg: not): the result-group file of
+cryoSPARC's Import Result Group job, naming the .cs for each of its slots
+(group and version copied from the template's .csg when there is one).
+Examples:
 
   particle-vae export P12/J24/J24_001_particles.cs --stack-dir P12 --to relion --out particles.star
   particle-vae export selected.star --to cryosparc --template P12/exports/groups/J24_particles/J24_particles_exported.cs \\
@@ -55,6 +68,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_stack_dir_option(parser, "folder holding the stacks that a STAR's rlnImageName names (default: paths relative to the "
                                  "STAR's folder); for a .cs input the cryoSPARC project folder that blob/path is relative to "
                                  "(default: looked for beside the .cs file)")
+    parser.add_argument("--drop-cryosparc-fields", action="store_true",
+                        help="(--to relion) leave out the pvaeCs_* columns that keep every field of a .cs input (about 2/3 of "
+                             "the STAR's size); without them a later --to cryosparc needs --template to give the fields back")
+    parser.add_argument("--no-csg", dest="csg", action="store_false",
+                        help="(--to cryosparc) do not write FILE.csg, the result-group file for cryoSPARC's Import Result Group, "
+                             "beside FILE.cs")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
 
 
@@ -71,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
                                "use it with --to cryosparc")
     inputs = (args.input,) + ((args.template,) if args.template is not None else ())
     check_output_path(args.out, overwrite=args.overwrite, inputs=inputs)  # refuse before any work
+    if args.to == "cryosparc" and getattr(args, "csg", True):
+        check_output_path(args.out.with_suffix(".csg"), overwrite=args.overwrite, inputs=inputs)
     project = project_folder(args.project_dir)
     star = _read_input(args.input, args.stack_dir)
     stack_names = _stack_names(star, args.input, args.stack_dir, project)
@@ -92,8 +113,8 @@ def _read_input(path: Path, stack_dir: Path | None):
         star = read_cryosparc_star(path, project_dir=stack_dir)
         unconverted = aberrations_present(star.records)
         if unconverted:
-            log.warning("%s: %s hold non-zero values that have no RELION column here; they are not in a STAR output "
-                        "(a .cs output copies them from the template)", path, ", ".join(unconverted))
+            log.warning("%s: %s hold non-zero values that have no RELION column here (RELION will not apply them); a STAR "
+                        "output keeps them in its pvaeCs_ columns and a .cs output gives them back", path, ", ".join(unconverted))
         return star
     if suffix == ".star":
         return ParticleStar(path)
@@ -129,6 +150,14 @@ def _write_relion(star, stack_names: pd.Series, args: argparse.Namespace, inputs
 
     numbers = star.particles["rlnImageName"].astype(str).str.partition("@")[0].str.strip().reset_index(drop=True)
     out = star.with_columns({"rlnImageName": (numbers + "@" + stack_names).to_numpy(dtype=object)})
+    if getattr(args, "drop_cryosparc_fields", False):
+        from particle_vae.io.cryosparc import KEPT_PREFIX
+        from particle_vae.io.star import ParticleStar, StarFile
+
+        blocks = dict(out.star.blocks)
+        particles = blocks[out.particles_block]
+        blocks[out.particles_block] = particles[[c for c in particles.columns if not str(c).startswith(KEPT_PREFIX)]]
+        out = ParticleStar(StarFile(blocks=blocks, path=out.path))
     path = write_star(args.out, out.star, overwrite=args.overwrite, inputs=inputs)
     log.info("wrote %s (%d particles, %s; image names relative to %s)", path, len(out),
              "optics kept" if out.optics is not None else "RELION 3.0 layout kept", project_text(args.project_dir))
@@ -139,7 +168,16 @@ def project_text(project_dir: Path | None) -> str:
 
 
 def _write_cryosparc(star, stack_names: pd.Series, args: argparse.Namespace, inputs: tuple) -> None:
-    from particle_vae.io.cryosparc import EXPORTED_PREFIX, CryosparcStar, read_cryosparc, star_to_cryosparc, write_cryosparc
+    from particle_vae.io.cryosparc import (
+        BEAM_TILT_COLUMNS,
+        EXPORTED_PREFIX,
+        CryosparcStar,
+        kept_records,
+        read_cryosparc,
+        star_to_cryosparc,
+        write_cryosparc,
+        write_csg,
+    )
     from particle_vae.io.star import ABERRATION_COLUMNS
 
     template = None
@@ -147,24 +185,35 @@ def _write_cryosparc(star, stack_names: pd.Series, args: argparse.Namespace, inp
         template = read_cryosparc(args.template)
     elif isinstance(star, CryosparcStar):
         template, args.template = star.records, args.input
+    kept = kept_records(star) if template is None else None
     box = _box(star, args.stack_dir if not isinstance(star, CryosparcStar) else None)
     records = star_to_cryosparc(star, stack_names.to_numpy(dtype=object), box=box, template=template)
-    if template is None:
-        log.info("no --template: uid, blob, ctf and the poses come from the STAR, other fields (scores, class "
-                 "statistics, higher-order CTF terms) are written at neutral values")
-        aberrations = [c for c in ABERRATION_COLUMNS if star.column(c) is not None and _non_default(star.column(c), c)]
+    if template is None and kept is None:
+        log.info("no --template and no pvaeCs_ columns: uid, blob, ctf (beam tilt included) and the poses come from the "
+                 "STAR, other fields (scores, class statistics, higher-order CTF terms) are written at neutral values")
+        aberrations = [c for c in ABERRATION_COLUMNS
+                       if c not in BEAM_TILT_COLUMNS and star.column(c) is not None and _non_default(star.column(c), c)]
         if aberrations:
             log.warning("%s: %s are not converted to cryoSPARC's ctf fields; refine them again in cryoSPARC "
                         "(Global CTF Refinement) or give --template", args.input, ", ".join(aberrations))
-    else:
-        paths = np.char.decode(records["blob/path"].astype(bytes), "utf-8") if "blob/path" in records.dtype.names else []
-        if any(p.startswith(EXPORTED_PREFIX) for p in paths) and args.out.resolve().parent != Path(args.template).resolve().parent:
-            log.warning("the template's blob/path values start with '%s', so cryoSPARC looks for the stacks beside the .cs "
-                        "file: write the output into %s", EXPORTED_PREFIX, Path(args.template).parent)
+    elif kept is not None:
+        log.info("fields restored from the STAR's %d pvaeCs_ columns (converted fields from the RELION columns where these "
+                 "changed)", len(kept.dtype.names) - 1)
+    paths = np.char.decode(records["blob/path"].astype(bytes), "utf-8") if "blob/path" in records.dtype.names else []
+    exported = any(p.startswith(EXPORTED_PREFIX) for p in paths)
+    if exported and template is not None and args.out.resolve().parent != Path(args.template).resolve().parent:
+        log.warning("the template's blob/path values start with '%s', so cryoSPARC looks for the stacks beside the .cs "
+                    "file: write the output into %s", EXPORTED_PREFIX, Path(args.template).parent)
+    elif exported and template is None:
+        log.warning("blob/path values kept from the original export start with '%s', so cryoSPARC looks for the stacks "
+                    "beside the .cs file: write the output into the folder of the exported .cs it came from", EXPORTED_PREFIX)
     path = write_cryosparc(args.out, records, overwrite=args.overwrite, inputs=inputs)
     slots = sorted({name.split("/")[0] for name in records.dtype.names if "/" in name})
     log.info("wrote %s (%d particles; slots %s%s)", path, len(records), ", ".join(slots),
              f"; other fields from {args.template}" if template is not None else "")
+    if getattr(args, "csg", True):
+        csg = write_csg(path, records, template_cs=args.template, overwrite=args.overwrite, inputs=inputs)
+        log.info("wrote %s: import %s into cryoSPARC with Import Result Group, giving this file", csg, path.name)
 
 
 def _non_default(values: pd.Series, column: str) -> bool:

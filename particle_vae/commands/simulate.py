@@ -5,6 +5,9 @@ the ground truth in pvaeTrue* columns; rlnImageName names the stack relative to
 the folder RELION runs in, --project-dir, default the current folder), OUT/simulation.json (settings and the
 measured SNR) and, with --write-clean, the noise-free OUT/clean.mrcs and the
 centred projections OUT/centred.mrcs (psi = 0, no shift, no CTF).
+--ctf-premultiplied stores CTF * (CTF * projection + noise), the particles of
+a RELION 5 premultiplied extraction, and flags them in the optics block
+(rlnCtfDataAreCtfPremultiplied 1).
 
 Presets: t20s (EMPIAR-10025-like, 64 px at 4 A), groel (EMPIAR-10029-like,
 200 px at 1.35 A Fourier-cropped to 100 px at 2.7 A) and mixture (T20S, GroEL
@@ -56,6 +59,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift-distribution", choices=SHIFT_DISTRIBUTIONS, default="uniform",
                         help="uniform in [-max, max] per axis or Gaussian with sd max/2 truncated at max")
     parser.add_argument("--no-ctf", action="store_true", help="do not apply a CTF")
+    parser.add_argument("--ctf-premultiplied", action="store_true",
+                        help="store CTF-premultiplied particles, CTF * (CTF * projection + noise), as RELION 5's premultiplied "
+                             "extraction does, flagged rlnCtfDataAreCtfPremultiplied 1 in the optics block; --snr is then the SNR "
+                             "of the recorded image CTF * projection + noise, before the premultiplication")
     parser.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope in A^2")
     parser.add_argument("--phase-shift", type=float, default=0.0, help="phase-plate phase shift in degrees")
     parser.add_argument("--write-clean", action="store_true", help="also write clean.mrcs (noise-free) and centred.mrcs")
@@ -75,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         args.preset, args.n, data_dir=args.data_dir, structures=args.structure, defocus_star=args.defocus_star,
         box=args.box, pixel_size=args.pixel_size, downsample_to=args.downsample_to, resolution=args.resolution,
         class_weights=args.class_weights, views=args.views, max_shift=args.max_shift,
-        shift_distribution=args.shift_distribution, ctf=not args.no_ctf, bfactor=args.bfactor,
+        shift_distribution=args.shift_distribution, ctf=not args.no_ctf, ctf_premultiplied=args.ctf_premultiplied, bfactor=args.bfactor,
         phase_shift=args.phase_shift, snr=args.snr, snr_mode=args.snr_mode,  # inf: noise-free
         seed=args.seed, batch_size=args.batch_size, write_clean=args.write_clean,
     )

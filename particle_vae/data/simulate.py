@@ -20,10 +20,25 @@ Image formation, per particle (see ``docs/simulator.md``):
 5. white Gaussian noise at a requested SNR, where
    ``SNR = var(noise-free image over the whole box) / var(noise)``, either for
    the dataset (one noise level for all particles: the mean image variance of
-   the first ``min(n, 256)`` particles divided by the SNR) or per particle.
+   the first ``min(n, 256)`` particles divided by the SNR) or per particle;
+6. optionally (``ctf_premultiplied``, RELION 5's ``rlnCtfDataAreCtfPremultiplied = 1``)
+   the recorded image of steps 4-5 is multiplied once more by its own CTF, as
+   RELION's premultiplied extraction does: the stored particle is
+   ``CTF * (CTF * projection + noise)``. The SNR of step 5 is that of the
+   recorded image before this multiplication (the microscope's SNR; the noise
+   level, and with it the noise drawn for each particle, is the same as without
+   premultiplication). The multiplication leaves the ratio at each Fourier
+   component unchanged (signal and noise are both multiplied by the CTF) but
+   colours the noise, so the variance ratio of the stored image over the box
+   differs from the requested SNR. Noise-free, the stored particle is the
+   inverse transform of ``CTF**2 * FT(projection)`` (exactly so in an odd box;
+   in an even box the self-mirrored Nyquist column of the ``rfft2`` grid can
+   only carry the CTF averaged over ``ky`` and ``-ky``, so there the square of
+   that average is applied).
 
 :func:`run_simulation` streams batches into ``particles.mrcs`` (and optionally
-``clean.mrcs``, the noise-free particles, and ``centred.mrcs``, the projections
+``clean.mrcs``, the noise-free particles as stored (premultiplied when the
+particles are), and ``centred.mrcs``, the projections
 with ``psi = 0`` and no shift before the CTF), then writes ``particles.star``
 and ``simulation.json``.
 """
@@ -147,6 +162,10 @@ class SimulationConfig:
             ``max_shift / 2`` truncated at ``+-max_shift``.
         ctf: apply a CTF. voltage: kV; cs: mm; amplitude_contrast: fraction;
             phase_shift: degrees; bfactor: Angstrom^2 (envelope ``exp(-B k^2 / 4)``).
+        ctf_premultiplied: store CTF-premultiplied particles, ``CTF * (CTF * projection + noise)``
+            (module docstring, step 6), flagged ``rlnCtfDataAreCtfPremultiplied = 1`` in the
+            optics block; needs ``ctf``. ``snr`` is then the SNR of the recorded image
+            ``CTF * projection + noise``, before the premultiplication.
         defocus_star: STAR with rlnDefocusU/V[/Angle] rows to draw from, else
             ``defocus_range`` (mean defocus, Angstrom) and ``max_astigmatism`` (Angstrom).
         snr: signal-to-noise ratio (``None`` or ``inf``: no noise); snr_mode:
@@ -172,6 +191,7 @@ class SimulationConfig:
     amplitude_contrast: float = 0.1
     phase_shift: float = 0.0
     bfactor: float = 0.0
+    ctf_premultiplied: bool = False
     defocus_star: Path | None = None
     defocus_range: tuple[float, float] = (10000.0, 25000.0)
     max_astigmatism: float = 300.0
@@ -425,6 +445,9 @@ def validate_config(config: SimulationConfig) -> None:
         raise _settings_error(f"--snr {config.snr} must be positive", "use e.g. 0.1, or inf for noise-free particles")
     if config.snr_mode not in SNR_MODES:
         raise _settings_error(f"unknown SNR mode '{config.snr_mode}'", f"choose one of {', '.join(SNR_MODES)}")
+    if config.ctf_premultiplied and not config.ctf:
+        raise _settings_error("--ctf-premultiplied multiplies the particles by their CTF, but the CTF is off (--no-ctf)",
+                              "drop --no-ctf or --ctf-premultiplied")
     if not config.voltage > 0 or config.cs < 0 or not 0 <= config.amplitude_contrast < 1:
         raise _settings_error(f"impossible optics: {config.voltage} kV, Cs {config.cs} mm, amplitude contrast {config.amplitude_contrast}",
                               "voltage must be positive, Cs non-negative and amplitude contrast in [0, 1)")
@@ -597,20 +620,32 @@ class Simulator:
             proj = fourier_crop(proj, out_box)
             cent = fourier_crop(cent, out_box) if centred else None
         clean = fourier_shift(proj, torch.as_tensor(p.shifts[sl]))
-        if cfg.ctf:
-            d = p.defocus[sl]
-            ctf = compute_ctf(out_box, cfg.output_pixel_size, d[:, 0], d[:, 1], d[:, 2], cfg.voltage, cfg.cs,
-                              cfg.amplitude_contrast, cfg.phase_shift, cfg.bfactor)
+        ctf = self.ctf(start, stop)
+        if ctf is not None:
             clean = apply_ctf(clean, ctf)
         return clean.to(torch.float32), cent
+
+    def ctf(self, start: int, stop: int) -> torch.Tensor | None:
+        """CTFs of particles ``start .. stop-1``: ``(B, out, out//2 + 1)`` float32 on the
+        unshifted ``rfft2`` grid of the output box (``None`` when the CTF is off)."""
+        cfg = self.config
+        if not cfg.ctf:
+            return None
+        d = self.params.defocus[start:stop]
+        return compute_ctf(cfg.output_box, cfg.output_pixel_size, d[:, 0], d[:, 1], d[:, 2], cfg.voltage, cfg.cs,
+                           cfg.amplitude_contrast, cfg.phase_shift, cfg.bfactor)
 
     def batches(self, centred: bool = False) -> Iterator[dict]:
         """Render all particles in order, adding noise.
 
         Yields:
             dicts with ``start``, ``stop``, ``particles`` (noisy, float32 numpy
-            ``(B, out, out)``), ``clean``, ``centred`` (or ``None``) and
-            ``sigma`` (``(B,)`` noise standard deviations).
+            ``(B, out, out)``, as stored), ``clean`` (the same without noise),
+            ``recorded`` and ``recorded_clean`` (the recorded images with and
+            without noise, before a CTF premultiplication: the arrays
+            ``particles`` and ``clean`` themselves when the particles are not
+            premultiplied), ``centred`` (or ``None``) and ``sigma`` (``(B,)``
+            noise standard deviations of the recorded images).
 
         In ``dataset`` mode the noise level is fixed from the first
         ``min(n, 256)`` particles before anything is yielded; the noise stream
@@ -656,8 +691,13 @@ class Simulator:
             else:
                 sigma = np.zeros(batch)
                 particles = clean_np
-            yield {"start": start, "stop": stop, "particles": particles, "clean": clean_np,
-                   "centred": None if cent is None else cent.numpy(), "sigma": sigma}
+            recorded, recorded_clean = particles, clean_np
+            if cfg.ctf_premultiplied:  # CTF * (CTF * projection + noise), step 6 of the module docstring
+                ctf = self.ctf(start, stop)
+                clean_np = apply_ctf(clean, ctf).numpy()
+                particles = apply_ctf(torch.from_numpy(recorded), ctf).numpy() if cfg.noisy else clean_np
+            yield {"start": start, "stop": stop, "particles": particles, "clean": clean_np, "recorded": recorded,
+                   "recorded_clean": recorded_clean, "centred": None if cent is None else cent.numpy(), "sigma": sigma}
 
 
 def _star_columns(config: SimulationConfig, params: ParticleParameters) -> dict[str, np.ndarray]:
@@ -690,7 +730,8 @@ def run_simulation(
     """Simulate ``config.n`` particles and write them to ``out_dir``.
 
     Files: ``particles.mrcs`` (float32 stack), ``particles.star`` (RELION 3.1:
-    optics block + particles with CTF and ``pvaeTrue*`` columns),
+    optics block, with ``rlnCtfDataAreCtfPremultiplied 1`` for premultiplied
+    particles, + particles with CTF and ``pvaeTrue*`` columns),
     ``simulation.json`` (settings, class counts, noise level, measured SNR) and,
     with ``config.write_clean``, ``clean.mrcs`` and ``centred.mrcs``. Every
     file is written atomically; existing files are kept unless ``overwrite``,
@@ -712,7 +753,7 @@ def run_simulation(
     from particle_vae import __version__
     from particle_vae.io.mrc import StackWriter
     from particle_vae.io.paths import project_folder, stack_name_for_project
-    from particle_vae.io.star import image_name, make_particle_star
+    from particle_vae.io.star import PREMULTIPLIED, image_name, make_particle_star
 
     began = time.perf_counter()
     validate_config(config)
@@ -743,8 +784,8 @@ def run_simulation(
                 if config.write_clean:
                     writers["clean"].write(batch["clean"])
                     writers["centred"].write(batch["centred"])
-                clean = batch["clean"].astype(np.float64)
-                noise = batch["particles"].astype(np.float64) - clean
+                clean = batch["recorded_clean"].astype(np.float64)  # the SNR is that of the recorded images
+                noise = batch["recorded"].astype(np.float64) - clean
                 s_var, n_var = clean.var(axis=(-2, -1)), noise.var(axis=(-2, -1))
                 signal_var += float(s_var.sum())
                 noise_var += float(n_var.sum())
@@ -763,6 +804,8 @@ def run_simulation(
     star = make_particle_star(
         [image_name(i, stack_name) for i in range(config.n)], pixel_size=apix, box=box, voltage=config.voltage,
         cs=config.cs, amplitude_contrast=config.amplitude_contrast, columns=_star_columns(config, params))
+    if config.ctf_premultiplied:
+        star = star.with_columns({}, optics_columns={PREMULTIPLIED: 1})
     star.write(files["particles.star"], overwrite=overwrite)
 
     snr_measured = signal_var / noise_var if config.noisy and noise_var > 0 else None
@@ -773,7 +816,9 @@ def run_simulation(
         "defocus_source": str(config.defocus_star) if (config.ctf and config.defocus_star) else ("uniform range" if config.ctf else None),
         "classes": [{"class": i + 1, "name": s.name, "path": str(s.path), "count": int(counts[i])}
                     for i, s in enumerate(config.structures)],
-        "snr_definition": "variance of the noise-free (CTF-modulated) image over the whole box / noise variance",
+        "snr_definition": "variance of the noise-free (CTF-modulated) image over the whole box / noise variance"
+                          + (", of the recorded image before the CTF premultiplication" if config.ctf_premultiplied else ""),
+        "ctf_premultiplied": bool(config.ctf_premultiplied),
         "snr_requested": config.snr if config.noisy else None,
         "snr_measured": snr_measured,
         "snr_measured_mean_per_particle": float(np.concatenate(per_particle_snr).mean()) if per_particle_snr else None,

@@ -26,8 +26,18 @@ cryoSPARC field             RELION column                                   conv
 ``alignments3D/shift``      ``rlnOriginXAngst``, ``rlnOriginYAngst``        ``origin = shift * alignments3D/psize_A``
 ``alignments*/class``       ``rlnClassNumber``                              ``class + 1``
 ``alignments*/split``       ``rlnRandomSubset``                             ``split + 1`` (only when both halves occur)
+``ctf/tilt_A``              ``rlnBeamTiltX``, ``rlnBeamTiltY`` (optics)     ``mrad = A / (Cs[mm] 1e4)`` (:func:`beam_tilt_mrad`)
 ``uid``, ``blob/sign``      ``pvaeCryosparcUid``, ``pvaeCryosparcSign``     kept for the way back
+every field but ``uid``     ``pvaeCs_<type>_<field>``                       value for value (:func:`kept_field_columns`)
 ==========================  ==============================================  ====================
+
+The ``pvaeCs_`` columns keep each field of the ``.cs`` file in its exact type
+(``pvaeCs_f4x2_ctf/trefoil_A``: float32, two values), so that
+:func:`star_to_cryosparc` gives back, without a template, the fields RELION has
+no column for (scores, ``ctf/type``, ``location/*``, trefoil, tetrafoil,
+anisotropic magnification, ``ctf/shift_A``) and the exact values of the
+converted fields whose RELION columns were not changed. ``export --to
+cryosparc`` writes beside each ``.cs`` its result-group file (:func:`write_csg`).
 
 ``expmap(pose)`` is the rotation by ``|pose|`` radians about ``pose / |pose|``
 (Rodrigues) and ``A`` is RELION's Euler matrix
@@ -44,6 +54,7 @@ leading ``>`` (files written by cryoSPARC's Export), to the folder of the
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
@@ -54,8 +65,10 @@ import pandas as pd
 
 from particle_vae.conventions import euler_to_matrix, matrix_to_euler
 from particle_vae.errors import InputFileError
-from particle_vae.io.atomic import atomic_path, check_output_path
+from particle_vae.io.atomic import atomic_path, atomic_write_text, check_output_path
 from particle_vae.io.star import IMAGE_NAME, OPTICS_GROUP, ParticleStar, StarFile
+
+log = logging.getLogger(__name__)
 
 CS_SUFFIX = ".cs"
 #: STAR columns that carry what RELION has no column for, so that a particle goes back to cryoSPARC as itself
@@ -79,8 +92,23 @@ _CTF_FIELDS = {"ctf/type": ("S9", b"imported"), "ctf/exp_group_id": ("<u4", 0), 
 _ALIGNMENT_FIELDS = ("split", "shift", "pose", "psize_A", "error", "error_min", "resid_pow", "slice_pow", "image_pow",
                      "cross_cor", "alpha", "alpha_min", "weight", "pose_ess", "shift_ess", "class_posterior", "class", "class_ess")
 _ALIGNMENT_DEFAULTS = {"alpha": 1.0, "class_posterior": 1.0, "class_ess": 1.0}
-#: cryoSPARC's higher-order optics, which have no converted RELION counterpart here
-_ABERRATION_FIELDS = ("ctf/shift_A", "ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag")
+#: cryoSPARC's higher-order optics that have no converted RELION counterpart here (``ctf/tilt_A`` is converted:
+#: :func:`beam_tilt_mrad`); their values travel in the kept-field columns
+_ABERRATION_FIELDS = ("ctf/shift_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag")
+#: RELION's beam tilt columns (optics block, mrad)
+BEAM_TILT_COLUMNS = ("rlnBeamTiltX", "rlnBeamTiltY")
+#: prefix of the STAR columns that keep every field of a ``.cs`` file value for value (:func:`kept_field_columns`)
+KEPT_PREFIX = "pvaeCs_"
+#: a converted field counts as unchanged when the STAR gives it to within this fraction of ``max(1, |value|)``
+#: (RELION's programs rewrite STAR values with six decimals: 5e-7, at most 5e-6 px in a shift after the
+#: division by the pixel size; deliberate changes, refined poses or defocus, are far larger)
+KEPT_TOLERANCE = 1e-5
+_KEPT_RE = re.compile(r"^pvaeCs_([biufSU]\d+)((?:x\d+)*)_(\S+)$")
+#: bytes a kept text value shows as they are; every other byte is written %XX (:func:`_encode_text`)
+_TEXT_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/>:+,@=")
+#: STAR words a value must not start with, and text that STAR readers take for a number or a missing value
+_STAR_RESERVED = ("data_", "loop_", "save_", "stop_", "global_")
+_NOT_TEXT = {"", "nan", "-nan", "+nan", "na", "n/a", "null", "none", "inf", "-inf", "+inf", "infinity", "-infinity", "<na>", "true", "false"}
 
 
 def read_cryosparc(path: str | Path) -> np.ndarray:
@@ -206,7 +234,8 @@ def _shortest(values: np.ndarray) -> np.ndarray:
     return np.array([float(str(v)) for v in distinct], dtype=np.float64)[inverse.reshape(-1)]
 
 
-def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, project_dir: str | Path | None = None) -> CryosparcStar:
+def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, project_dir: str | Path | None = None,
+                      keep_fields: bool = True) -> CryosparcStar:
     """Convert cryoSPARC particle records to a RELION 3.1 particle STAR (module docstring table).
 
     Args:
@@ -214,9 +243,11 @@ def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, proje
         path: the ``.cs`` file (the STAR's ``path``; stack names are relative to its folder).
         project_dir: the cryoSPARC project folder that ``blob/path`` is relative to
             (default: looked for beside the ``.cs`` file, see :func:`stack_candidates`).
+        keep_fields: add the ``pvaeCs_`` columns that keep every field value for value
+            (:func:`kept_field_columns`), for the way back to cryoSPARC.
     Returns:
         A :class:`CryosparcStar` (a :class:`ParticleStar`) with an optics block (one
-        group per exposure group and optics) and a particles block, rows in file order.
+        group per exposure group and optics, beam tilt included) and a particles block, rows in file order.
     """
     path = Path(path) if path is not None else None
     n = len(records)
@@ -236,6 +267,11 @@ def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, proje
         "rlnImagePixelSize": (psize, None),
         "rlnImageSize": (None if shape is None else shape[:, -1], None),
     }
+    tilt, cs = _field(records, "ctf/tilt_A"), _field(records, "ctf/cs_mm")
+    if tilt is not None and cs is not None and tilt.shape[1:] == (2,) and np.any(tilt != 0):
+        if np.all(cs != 0):  # Cs-corrected optics (Cs 0) have no beam tilt equivalent; ctf/tilt_A is then only kept
+            for axis, name in enumerate(BEAM_TILT_COLUMNS):
+                optics_values[name] = (tilt[:, axis], None)
     keys = pd.DataFrame({name: (np.zeros(n) if values is None else values.astype(np.float64))
                          for name, (values, _) in optics_values.items()})
     group_codes, group_rows = pd.factorize(pd.MultiIndex.from_frame(keys))
@@ -250,7 +286,12 @@ def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, proje
         if name == "exposure_group" or values is None:
             continue
         column = groups[name].to_numpy()
+        if name in BEAM_TILT_COLUMNS:
+            continue
         optics[name] = column.astype(np.int64) if name == "rlnImageSize" else _shortest(column)
+    if BEAM_TILT_COLUMNS[0] in groups:  # with the Cs written to rlnSphericalAberration, so that the way back is exact
+        tilt_mrad = beam_tilt_mrad(groups[list(BEAM_TILT_COLUMNS)].to_numpy(), optics["rlnSphericalAberration"].to_numpy())
+        optics[BEAM_TILT_COLUMNS[0]], optics[BEAM_TILT_COLUMNS[1]] = tilt_mrad[:, 0], tilt_mrad[:, 1]
     optics["rlnImageDimensionality"] = 2
 
     particles = pd.DataFrame({IMAGE_NAME: image_names, OPTICS_GROUP: renumber[group_codes] + 1})
@@ -276,6 +317,8 @@ def cryosparc_to_star(records: np.ndarray, path: str | Path | None = None, proje
         particles[UID_COLUMN] = records["uid"].astype(np.uint64)
     if _field(records, "blob/sign") is not None:
         particles[SIGN_COLUMN] = records["blob/sign"].astype(np.float64)
+    if keep_fields:
+        particles = pd.concat([particles, pd.DataFrame(kept_field_columns(records))], axis=1)
     return CryosparcStar(StarFile(blocks={"optics": optics, "particles": particles}, path=path), records, project_dir)
 
 
@@ -340,8 +383,182 @@ def read_cryosparc_star(path: str | Path, project_dir: str | Path | None = None)
 
 
 def aberrations_present(records: np.ndarray) -> list[str]:
-    """cryoSPARC higher-order optics fields with non-zero values (not converted to RELION)."""
+    """cryoSPARC higher-order optics fields with non-zero values that are not converted to RELION columns
+    (``ctf/shift_A``, ``ctf/trefoil_A``, ``ctf/tetra_A``, ``ctf/anisomag``; they are kept in the
+    ``pvaeCs_`` columns, and a beam tilt ``ctf/tilt_A`` becomes ``rlnBeamTiltX/Y``)."""
     return [name for name in _ABERRATION_FIELDS if name in records.dtype.names and np.any(records[name] != 0)]
+
+
+# --------------------------------------------------------------------------- beam tilt
+
+
+def beam_tilt_mrad(tilt_angst: np.ndarray, cs_mm: np.ndarray) -> np.ndarray:
+    """RELION's beam tilt (``rlnBeamTiltX``, ``rlnBeamTiltY``, mrad) from cryoSPARC's ``ctf/tilt_A`` (Angstrom).
+
+    Derivation (docs/conventions.md, "Beam tilt"). A beam tilted by ``tau`` (rad) adds to the
+    wave aberration of a lens with spherical aberration ``Cs`` the axial-coma term
+    ``W3(alpha) = Cs |alpha|^2 (alpha . tau)`` (the ``alpha^3`` term of ``Cs |alpha + tau|^4 / 4``),
+    ``alpha = lambda k`` the scattering angle, so the CTF phase ``2 pi W / lambda`` gains
+    ``2 pi Cs lambda^2 |k|^2 (k . tau)``: the phase RELION applies for ``rlnBeamTiltX/Y``
+    (``selfApplyBeamTilt``: ``0.360 Cs[mm] 1e7 lambda^2 |k|^2 (k . tau[mrad])`` degrees).
+    cryoSPARC stores this third-order antisymmetric term as a length ``t`` (Angstrom), the
+    coefficient of ``W3 = |alpha|^2 (alpha . t)``, and reports ``t / Cs`` as the beam tilt.
+    Equal phases give ``t = Cs tau``; the wavelength cancels::
+
+        tau [mrad] = 1e3 * t [A] / (Cs [mm] * 1e7 [A/mm]) = t / (Cs * 1e4)
+
+    Both programs give ``x`` along image columns and ``y`` along rows; the components map
+    one to one with the same sign (as the published cryoSPARC readers assume).
+
+    Args:
+        tilt_angst: ``(N, 2)`` ``ctf/tilt_A`` in Angstrom.
+        cs_mm: ``(N,)`` spherical aberration in mm (``ctf/cs_mm``; must be non-zero).
+    Returns:
+        ``(N, 2)`` float64 beam tilt in mrad.
+    """
+    return np.asarray(tilt_angst, dtype=np.float64) / (np.asarray(cs_mm, dtype=np.float64).reshape(-1, 1) * 1e4)
+
+
+def beam_tilt_angst(tilt_mrad: np.ndarray, cs_mm: np.ndarray) -> np.ndarray:
+    """cryoSPARC's ``ctf/tilt_A`` (Angstrom) from RELION's beam tilt (mrad): the inverse of :func:`beam_tilt_mrad`."""
+    return np.asarray(tilt_mrad, dtype=np.float64) * (np.asarray(cs_mm, dtype=np.float64).reshape(-1, 1) * 1e4)
+
+
+# --------------------------------------------------------------------------- kept fields
+
+
+def kept_field_column(name: str, dtype: np.dtype) -> str:
+    """The STAR column that keeps cryoSPARC field ``name`` of type ``dtype``: ``pvaeCs_<type>_<name>``,
+    ``<type>`` numpy's code without byte order (``f4``, ``u8``, ``S61``) and ``x<n>`` per array axis
+    (``f4x2`` for ``ctf/tilt_A``), so that the field comes back with its exact type."""
+    dtype = np.dtype(dtype)
+    code = dtype.base.str[1:] + "".join(f"x{size}" for size in dtype.shape)
+    return f"{KEPT_PREFIX}{code}_{name}"
+
+
+def parse_kept_column(column: str) -> tuple[str, np.dtype] | None:
+    """``(field name, dtype)`` of a kept-field column, or ``None`` for any other column."""
+    match = _KEPT_RE.match(column)
+    if match is None:
+        return None
+    base = np.dtype("<" + match.group(1))
+    shape = tuple(int(size) for size in match.group(2).split("x")[1:])
+    return match.group(3), (np.dtype((base, shape)) if shape else base)
+
+
+def _encode_text(value: bytes) -> str:
+    """A byte string as STAR text that every reader gives back as the same text: bytes outside
+    :data:`_TEXT_SAFE` as ``%XX``, and the first byte too when the text would otherwise be read as a
+    number, a missing value or a STAR keyword. An empty value (numpy strips trailing NULs, so no value
+    ends in one) is written ``%00``."""
+    if value == b"":
+        return "%00"
+    text = "".join(chr(b) if b in _TEXT_SAFE else f"%{b:02X}" for b in value)
+    lowered = text.lower()
+    try:
+        float(text)
+        numeric = True
+    except ValueError:
+        numeric = False
+    if numeric or lowered in _NOT_TEXT or lowered.startswith(_STAR_RESERVED) or not (text[0].isalnum() or text[0] in ">./%"):
+        text = f"%{value[0]:02X}" + text[len(chr(value[0])) if value[0] in _TEXT_SAFE else 3:]
+    return text
+
+
+def _decode_text(text: str) -> bytes:
+    from urllib.parse import unquote_to_bytes
+
+    return b"" if text == "%00" else unquote_to_bytes(text)
+
+
+def _encode_field(values: np.ndarray) -> np.ndarray | None:
+    """One field's values as a STAR column: float32 and other floats as the float64 of the value
+    (which reads back bit for bit), integers and booleans as integers, arrays as ``[a,b,...]``,
+    text through :func:`_encode_text`; ``None`` for a type that cannot be kept."""
+    kind = values.dtype.base.kind
+    if kind in "SU":
+        raw = values.reshape(-1)
+        encoded = [_encode_text(v if kind == "S" else v.encode("utf-8")) for v in raw.tolist()]
+        return np.asarray(encoded, dtype=object)
+    if kind not in "biuf":
+        return None
+    if values.ndim == 1:
+        if kind == "f":
+            return values.astype(np.float64)
+        return values.astype(np.uint64 if kind == "u" else np.int64)
+    flat = values.reshape(len(values), -1)
+    parts = flat.astype(np.float64).astype(str) if kind == "f" else flat.astype(np.int64 if kind in "bi" else np.uint64).astype(str)
+    text = parts[:, 0].astype(object)
+    for column in range(1, parts.shape[1]):
+        text = text + "," + parts[:, column].astype(object)
+    return ("[" + text + "]").astype(object)
+
+
+def _decode_field(series: pd.Series, dtype: np.dtype, column: str, path) -> np.ndarray:
+    """The values of a kept-field column in their cryoSPARC type (the inverse of :func:`_encode_field`)."""
+    base, shape = dtype.base, dtype.shape
+    fix = f"restore the {column} column as written by particle-vae, or drop every {KEPT_PREFIX}* column (or give --template)"
+    if series.isna().any():
+        row = int(np.flatnonzero(series.isna().to_numpy())[0])
+        raise InputFileError(f"particle {row + 1} has no value in {column}", path, fix)
+    try:
+        if base.kind in "SU":
+            texts = series.astype(str).tolist()
+            raw = [_decode_text(t) for t in texts]
+            return np.array(raw if base.kind == "S" else [r.decode("utf-8") for r in raw], dtype=base)
+        if not shape:
+            if base.kind == "f":
+                return series.to_numpy(dtype=np.float64).astype(base)
+            return np.array(series.tolist(), dtype=object).astype(np.uint64 if base.kind == "u" else np.int64).astype(base)
+        texts = series.astype(str).str.strip().tolist()
+        if not all(t.startswith("[") and t.endswith("]") for t in texts):
+            raise ValueError("not a bracketed list")
+        rows = [t[1:-1].split(",") for t in texts]
+        if base.kind == "f":
+            parsed = np.array(rows, dtype=np.float64)
+        else:
+            parsed = np.array([[int(v) for v in r] for r in rows], dtype=np.uint64 if base.kind == "u" else np.int64)
+        return parsed.reshape((len(series),) + shape).astype(base)
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as error:
+        raise InputFileError(f"column {column} holds values that are not {dtype} ({error})", path, fix) from None
+
+
+def kept_field_columns(records: np.ndarray) -> dict[str, np.ndarray]:
+    """STAR columns that keep every field of ``records`` except ``uid`` (``pvaeCryosparcUid``),
+    in field order, named by :func:`kept_field_column`, so that the way back
+    (:func:`star_to_cryosparc`) can restore fields RELION has no column for, and the exact
+    values of converted ones whose RELION columns are unchanged."""
+    out = {}
+    for name in records.dtype.names:
+        if name == "uid":
+            continue
+        encoded = _encode_field(records[name])
+        if encoded is None or re.search(r"\s", name):
+            log.warning("cryoSPARC field %s (%s) cannot be kept in a STAR column", name, records.dtype[name])
+            continue
+        out[kept_field_column(name, records.dtype[name])] = encoded
+    return out
+
+
+def kept_records(star: ParticleStar) -> np.ndarray | None:
+    """The cryoSPARC records kept in a STAR's ``pvaeCs_`` columns (``uid`` from ``pvaeCryosparcUid``
+    first, then the fields in column order), or ``None`` when it has none."""
+    particles = star.particles.reset_index(drop=True)
+    fields = [(column, parse_kept_column(str(column))) for column in particles.columns]
+    fields = [(column, parsed) for column, parsed in fields if parsed is not None]
+    if not fields:
+        return None
+    names = ["uid"] + [name for _, (name, _) in fields]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise InputFileError(f"keeps cryoSPARC field {duplicate} in more than one {KEPT_PREFIX}* column", star.path,
+                             f"keep one column per field (drop the other {KEPT_PREFIX}*_{duplicate} column)")
+    dtype = np.dtype([("uid", "<u8")] + [(name, field_type) for _, (name, field_type) in fields])
+    out = np.zeros(len(particles), dtype=dtype)
+    out["uid"] = _uids(star, particles)
+    for column, (name, field_type) in fields:
+        out[name] = _decode_field(particles[column], field_type, column, star.path)
+    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -362,22 +579,45 @@ def star_to_cryosparc(star: ParticleStar, blob_paths: np.ndarray, box: int | Non
     Returns:
         ``(N,)`` structured array with ``uid``, the ``blob`` and ``ctf`` slots, and
         ``alignments3D`` (RELION rot/tilt/psi present) and/or ``alignments2D``
-        (an in-plane pose: ``pvaeAnglePsi`` or a 2D ``rlnAnglePsi``).
+        (an in-plane pose: ``pvaeAnglePsi`` or a 2D ``rlnAnglePsi``). Without a
+        template, a STAR with ``pvaeCs_`` columns (:func:`kept_field_columns`) gives
+        back the kept fields, in their order and type: each converted field from
+        its RELION columns, except in the rows where those columns still hold
+        exactly what the kept value converts to, which get the kept value itself
+        (a ``.cs`` -> STAR -> ``.cs`` round trip returns every field unchanged, and
+        a changed pose, CTF or selection comes back changed); ``blob/path`` keeps its
+        value where the particle still names the same image (stack file name and
+        index). Fields RELION has no column for (scores, ``ctf/type``,
+        ``location/*``, the higher-order optics) come from the kept columns.
     Raises:
-        InputFileError: template rows that cannot be matched, no image size.
+        InputFileError: template rows that cannot be matched, no image size,
+            unreadable kept columns.
     """
+    if template is not None:
+        matched = _match_template(star, template)
+        columns = _interpreted(star, blob_paths, box, matched, with_blob=False)
+    else:
+        matched = kept_records(star)
+        columns = _interpreted(star, blob_paths, box, matched, with_blob=True)
+        if matched is not None:
+            columns = _prefer_kept(star, columns, matched, box)
+    return _assemble(columns, len(star), matched)
+
+
+def _interpreted(star: ParticleStar, blob_paths: np.ndarray | None, box: int | None, matched: np.ndarray | None,
+                 with_blob: bool) -> dict[str, np.ndarray]:
+    """The cryoSPARC fields that the STAR's RELION columns give (module docstring table); poses
+    as the axis-angle vectors nearest ``matched``'s (when given)."""
     n = len(star)
     particles = star.particles.reset_index(drop=True)
-    matched = _match_template(star, template) if template is not None else None
     columns = {}
 
     def value(name: str) -> np.ndarray | None:
         series = star.column(name)
         return None if series is None else series.to_numpy(dtype=np.float64)
 
-    uid = _uids(star, particles) if matched is None else matched["uid"]
-    columns["uid"] = uid
-    if matched is None:
+    columns["uid"] = _uids(star, particles)
+    if with_blob:
         columns["blob/path"] = np.array([str(p).encode("utf-8") for p in blob_paths])
         columns["blob/idx"] = _image_numbers(star) - 1
     size = value("rlnImageSize")
@@ -404,6 +644,9 @@ def star_to_cryosparc(star: ParticleStar, blob_paths: np.ndarray, box: int | Non
         columns["ctf/phase_shift_rad"] = np.radians(ctf["phase_shift"].to_numpy())
         columns["ctf/bfactor"] = ctf["bfactor"].to_numpy()
         columns["ctf/scale"] = ctf["scale"].to_numpy()
+        tilt = [value(name) for name in BEAM_TILT_COLUMNS]
+        if all(t is not None for t in tilt):
+            columns["ctf/tilt_A"] = beam_tilt_angst(np.stack(tilt, axis=1), ctf["cs"].to_numpy())
     has_3d = value("rlnAngleRot") is not None and value("rlnAngleTilt") is not None
     if has_3d:
         _alignment_columns(columns, "alignments3D", star, ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"),
@@ -412,7 +655,44 @@ def star_to_cryosparc(star: ParticleStar, blob_paths: np.ndarray, box: int | Non
         None if has_3d or value("rlnAnglePsi") is None else ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"))
     if inplane is not None:
         _alignment_columns(columns, "alignments2D", star, inplane[:1], inplane[1:], psize, matched, labels=not has_3d)
-    return _assemble(columns, n, matched)
+    return columns
+
+
+def _prefer_kept(star: ParticleStar, columns: dict[str, np.ndarray], kept: np.ndarray, box: int | None) -> dict[str, np.ndarray]:
+    """``columns`` with each converted field replaced by its kept value in the rows whose RELION
+    columns are unchanged: where the field converted from the STAR equals the field converted from
+    the STAR the kept record itself converts to (integers exactly; floating-point values to
+    :data:`KEPT_TOLERANCE`, so that a STAR rewritten by RELION's programs, which keep six decimals,
+    still counts as unchanged). ``blob/path`` and ``blob/idx`` are kept where the particle names the
+    same image (stack file name and index)."""
+    original = cryosparc_to_star(kept, keep_fields=False)
+    back = _interpreted(original, None, box, kept, with_blob=False)
+    out = dict(columns)
+    for name, values in columns.items():
+        if name not in kept.dtype.names or name not in back or name in ("uid", "blob/path", "blob/idx"):
+            continue
+        field_type = kept.dtype[name].base
+        shape = kept[name].shape
+        now = np.asarray(values).reshape(shape)
+        before = np.asarray(back[name]).reshape(shape)
+        if field_type.kind == "f":
+            now64, before64 = now.astype(np.float64), before.astype(np.float64)
+            close = np.abs(now64 - before64) <= KEPT_TOLERANCE * np.maximum(1.0, np.abs(before64))
+            same = (close | (now.astype(field_type) == before.astype(field_type))).reshape(len(kept), -1).all(axis=1)
+        else:
+            same = (now.astype(field_type) == before.astype(field_type)).reshape(len(kept), -1).all(axis=1)
+        out[name] = np.where(same.reshape((-1,) + (1,) * (len(shape) - 1)), kept[name], now.astype(field_type))
+    if "blob/path" in columns and "blob/idx" in columns:
+        kept_names = np.array([os.path.basename(p.removeprefix(EXPORTED_PREFIX)) for p in _text(kept["blob/path"])], dtype=object)
+        star_names = np.array([os.path.basename(p.decode("utf-8")) for p in columns["blob/path"]], dtype=object)
+        same = (kept_names == star_names) & (np.asarray(columns["blob/idx"]) == kept["blob/idx"].astype(np.int64))
+        if same.all():
+            out["blob/path"], out["blob/idx"] = kept["blob/path"], kept["blob/idx"]
+        else:
+            width = max(kept.dtype["blob/path"].itemsize, max((len(p) for p in columns["blob/path"]), default=1))
+            out["blob/path"] = np.where(same, kept["blob/path"].astype(f"S{width}"), columns["blob/path"].astype(f"S{width}"))
+            out["blob/idx"] = np.where(same, kept["blob/idx"].astype(np.int64), np.asarray(columns["blob/idx"]))
+    return out
 
 
 def _match_template(star: ParticleStar, template: np.ndarray) -> np.ndarray:
@@ -529,6 +809,9 @@ def _assemble(columns: dict, n: int, matched: np.ndarray | None) -> np.ndarray:
     if matched is not None:
         for name in matched.dtype.names:
             dtype = matched.dtype[name]
+            if dtype.kind == "S" and name in columns:  # a longer value (a new blob/path) widens the field
+                width = max([dtype.itemsize] + [len(v) for v in np.asarray(columns[name]).reshape(-1).tolist()])
+                dtype = np.dtype(f"S{width}")
             fields.append((name, dtype.base.str, dtype.shape) if dtype.shape else (name, dtype.str))
             known.add(name)
     slots = list(dict.fromkeys(name.split("/")[0] for name in columns if "/" in name))
@@ -568,4 +851,76 @@ def write_cryosparc(path: str | Path, records: np.ndarray, overwrite: bool = Fal
     path = check_output_path(path, overwrite=overwrite, inputs=inputs)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a file object: np.save given a name would append .npy
         np.save(handle, records, allow_pickle=False)
+    return path
+
+
+# --------------------------------------------------------------------------- result group (.csg)
+
+CSG_SUFFIX = ".csg"
+
+
+def csg_text(cs_name: str, records: np.ndarray, template_csg: str | None = None, created: str | None = None) -> str:
+    """The result-group file (``.csg``) that lets cryoSPARC's *Import Result Group* job import a ``.cs``
+    file written beside it.
+
+    A ``.csg`` file is the small YAML document cryoSPARC writes next to every exported ``.cs``
+    (``exports/groups/J24_particles/J24_particles_exported.csg``): ``created`` (a timestamp),
+    ``group`` (``name``, ``type: particle``, ``title``, ``description``), ``results`` (one entry
+    per slot of the ``.cs``: ``metafile`` the ``.cs`` file, with ``>`` meaning "in the ``.csg``'s
+    folder", ``num_items`` its number of rows, ``type: particle.<slot>``) and ``version`` (the
+    cryoSPARC version that wrote it). Keys are written sorted, as cryoSPARC writes them.
+
+    Args:
+        cs_name: the ``.cs`` file's name (it lies in the ``.csg``'s folder).
+        records: the records written to it (slots and row count).
+        template_csg: text of the ``.csg`` beside the template ``.cs``, whose ``group`` block and
+            ``version`` line are copied (without one, the group is ``particles`` and no version is written).
+        created: the timestamp (default: now).
+    Returns:
+        The YAML text.
+    """
+    import datetime
+
+    group, version = None, None
+    if template_csg:
+        lines = template_csg.splitlines()
+        for number, line in enumerate(lines):
+            if line.rstrip() == "group:":
+                block = [line]
+                for following in lines[number + 1:]:
+                    if not following.startswith((" ", "\t")):
+                        break
+                    block.append(following)
+                group = block
+            elif line.startswith("version:"):
+                version = line.rstrip()
+    if group is None:
+        group = ["group:", "  description: particles written by particle-vae export", "  name: particles",
+                 "  title: particle-vae particles", "  type: particle"]
+    created = created or datetime.datetime.now().isoformat(sep=" ")
+    metafile = "'>" + cs_name.replace("'", "''") + "'"  # single-quoted: '>' starts a YAML block scalar
+    out = [f"created: {created}"] + group + ["results:"]
+    for slot in sorted({name.split("/")[0] for name in records.dtype.names if "/" in name}):
+        out += [f"  {slot}:", f"    metafile: {metafile}", f"    num_items: {len(records)}", f"    type: particle.{slot}"]
+    if version is not None:
+        out.append(version)
+    return "\n".join(out) + "\n"
+
+
+def write_csg(cs_path: str | Path, records: np.ndarray, template_cs: str | Path | None = None, overwrite: bool = False,
+              inputs: tuple = ()) -> Path:
+    """Write :func:`csg_text` for ``cs_path`` as ``cs_path`` with suffix ``.csg``, atomically, never over an input.
+
+    Args:
+        template_cs: the template ``.cs`` file; a ``.csg`` with its name beside it lends its
+            ``group`` block and ``version``.
+    Returns:
+        The ``.csg`` path.
+    """
+    cs_path = Path(cs_path)
+    path = check_output_path(cs_path.with_suffix(CSG_SUFFIX), overwrite=overwrite, inputs=inputs)
+    template = None
+    if template_cs is not None and Path(template_cs).with_suffix(CSG_SUFFIX).is_file():
+        template = Path(template_cs).with_suffix(CSG_SUFFIX).read_text(encoding="utf-8", errors="replace")
+    atomic_write_text(path, csg_text(cs_path.name, records, template))
     return path
