@@ -7,7 +7,9 @@ import logging
 import numbers
 from collections.abc import Mapping
 
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, as on the command line)
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large tensors in huge pages, as on the command line
 
 
 class _ArgsSafeLogRecord(logging.LogRecord):

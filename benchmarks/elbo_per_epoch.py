@@ -34,7 +34,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 from torch import nn
 
@@ -43,6 +47,7 @@ from particle_vae.data.memory import ArrayDataset
 from particle_vae.data.mnist import resolve_mnist_dir
 from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR
 from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.run_config import RunConfig
 from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.models import build_model
 
@@ -96,8 +101,8 @@ def train(args: argparse.Namespace, images: np.ndarray) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="elbo_per_epoch_") as folder:
         run = RunDirectory(Path(folder) / "run")
         run.create(overwrite=True)
-        run.write_config({"model": model.config_dict(), "train": vars(settings), "data": {}, "pixel_size": 1.0,
-                          "box": int(images.shape[-1])})
+        run.write_config(RunConfig(model=model.config_dict(), train=vars(settings), data={}, pixel_size=1.0,
+                                   box=int(images.shape[-1])))
         rows = Trainer(model, ArrayDataset(images), settings, run).fit()
     return [{key: row[key] for key in KEPT_METRICS if key in row} | {"epoch": row["epoch"] + 1} for row in rows]
 

@@ -20,12 +20,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 
 from particle_vae.data.memory import ArrayDataset, LabelledDataset
 from particle_vae.data.mnist import load_mnist, resolve_mnist_dir
 from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.run_config import RunConfig
 from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.models import build_model
 from particle_vae.models.base import load_learnable_state
@@ -69,8 +74,8 @@ def main(argv=None) -> dict:
         run.create(overwrite=True)
         settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=0.1, seed=args.seed,
                                  device=args.device, early_stop_patience=0)
-        run.write_config({"model": model.config_dict(), "train": vars(settings), "box": 28, "pixel_size": 1.0,
-                          "data": {"kind": "mnist", "n": args.n_train, "labels": count}})
+        run.write_config(RunConfig(model=model.config_dict(), train=vars(settings), box=28, pixel_size=1.0,
+                                   data={"kind": "mnist", "n": args.n_train, "labels": count}))
         trainer = Trainer(model, LabelledDataset(ArrayDataset(train_images), labels), settings, run)
         start = time.perf_counter()
         trainer.fit()

@@ -15,7 +15,10 @@ import argparse
 import json
 import time
 
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 import torch.nn.functional as F
 

@@ -39,7 +39,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 
 from particle_vae.data.cache import ensure_cache, open_cache

@@ -22,16 +22,20 @@ import platform
 import time
 from pathlib import Path
 
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 
 from particle_vae.analysis.evaluate import evaluate_transformed_set
 from particle_vae.data.benchmarks import make_benchmark
 from particle_vae.data.memory import ArrayDataset
 from particle_vae.data.mnist import load_mnist, resolve_mnist_dir
-from particle_vae.engine.run import RunDirectory
-from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR
+from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.run_config import RunConfig
+from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.models import build_model
 
 log = logging.getLogger("benchmark")
@@ -72,8 +76,8 @@ def train_model(config: dict, images, run_dir: Path, *, epochs: int, batch_size:
     run.create(overwrite=True)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=0.1, seed=seed, device=device,
                              early_stop_patience=0)
-    run.write_config({"model": model.config_dict(), "train": vars(settings), "data": data_meta or {},
-                      "pixel_size": 1.0, "box": int(images.shape[-1])})
+    run.write_config(RunConfig(model=model.config_dict(), train=vars(settings), data=data_meta or {}, pixel_size=1.0,
+                               box=int(images.shape[-1])))
     trainer = Trainer(model, ArrayDataset(images), settings, run)
     start = time.perf_counter()
     rows = trainer.fit()

@@ -44,7 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-import particle_vae  # noqa: F401  (before torch: large tensors in huge pages, see particle_vae/__init__.py)
+import particle_vae
+
+particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors in huge pages
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

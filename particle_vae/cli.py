@@ -63,9 +63,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        flags = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._CountAction,
-                 argparse._HelpAction, argparse._VersionAction)
-        if (action.option_strings and action.default not in (None, argparse.SUPPRESS) and not isinstance(action, flags)
+        takes_value = action.nargs != 0  # not a flag (store_true/false/const, count, help, version)
+        if (action.option_strings and action.default not in (None, argparse.SUPPRESS) and takes_value
                 and "%(default)" not in text and "(default:" not in text):
             text += " (default: %(default)s)"
         return text
@@ -82,23 +81,20 @@ class _StoreInto(argparse.Action):
         setattr(namespace, self.target, values)
 
 
-def add_stack_dir_option(parser: argparse._ActionsContainer, help_text: str = "folder holding the particle stacks that the STAR's rlnImageName names, "
+def add_stack_dir_option(parser: argparse.ArgumentParser, help_text: str = "folder holding the particle stacks that the STAR's rlnImageName names, "
                                                   "e.g. the RELION project folder (default: paths relative to the STAR's "
                                                   "folder); for a cryoSPARC .cs input, the cryoSPARC project folder that "
                                                   "blob/path is relative to") -> None:
-    """``--stack-dir FOLDER`` (``args.stack_dir``), with the old spelling ``--datadir`` accepted but not shown.
-
-    The dest of the old spelling starts with ``_`` so that relaunching the command
-    (``--gpus``) writes the folder once, as ``--stack-dir``.
-    """
+    """``--stack-dir FOLDER`` (``args.stack_dir``), with the old spelling ``--datadir`` accepted but not shown
+    (``parser``: a parser or one of its argument groups)."""
     parser.add_argument("--stack-dir", dest="stack_dir", type=Path, metavar="FOLDER", help=help_text)
     parser.add_argument("--datadir", dest="_datadir_spelling", action=_StoreInto, target="stack_dir", type=Path,
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def add_project_dir_option(parser: argparse._ActionsContainer) -> None:
+def add_project_dir_option(parser: argparse.ArgumentParser) -> None:
     """``--project-dir FOLDER`` (``args.project_dir``): the folder that the output's ``rlnImageName``
-    resolves from (:func:`particle_vae.io.paths.project_folder`)."""
+    resolves from (:func:`particle_vae.io.paths.project_folder`); ``parser``: a parser or one of its argument groups."""
     parser.add_argument("--project-dir", dest="project_dir", type=Path, metavar="FOLDER",
                         help="the folder RELION runs in (the RELION project folder): the output's rlnImageName names "
                              "the stacks relative to it, or absolutely for stacks outside it "
@@ -108,17 +104,23 @@ def add_project_dir_option(parser: argparse._ActionsContainer) -> None:
 def add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
     """``--gpus N`` and ``--ddp-cpu-processes N`` (:func:`particle_vae.engine.distributed.add_launch_args`),
     with their default said in their help."""
-    from particle_vae.engine.distributed import LAUNCH_OPTIONS, add_launch_args
+    from particle_vae.engine.distributed import add_launch_args
 
-    add_launch_args(parser, what)
-    for action in parser._actions:
-        if action.dest in LAUNCH_OPTIONS and action.help and "(default:" not in action.help:
-            action.help += " (default: one process, no torchrun)"
+    add_launch_args(parser, what, default_help=" (default: one process, no torchrun)")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only`` (a subcommand name) the other subcommands
     are listed by name and help line without importing their modules (faster start)."""
+    return _build(only)[0]
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parser of every subcommand, by name, as :func:`build_parser` builds them."""
+    return _build(None)[1]
+
+
+def _build(only: str | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="particle-vae",
         description="Pose-invariant representation learning for cryo-EM particle images.",
@@ -129,9 +131,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:
-            sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
+            commands[name] = sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
             continue
         module = importlib.import_module(f"particle_vae.commands.{module_name}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
@@ -139,7 +142,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         command._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own misses -1e9
         module.add_args(command)
         command.set_defaults(_handler=module.main)
-    return parser
+        commands[name] = command
+    return parser, commands
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -154,7 +158,13 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Entry point; returns the process exit code (0 ok, 2 user error, 130 interrupted).
+
+    ``argv``: the command line after the program name (default ``sys.argv[1:]``).
+    """
+    from particle_vae import enable_huge_pages
+
+    enable_huge_pages()  # before the commands import torch
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(only=chosen if chosen in COMMANDS else None)
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    args._argv = argv  # what a multi-process launch starts again (particle_vae.engine.distributed.relaunch)
     _configure_logging(args.verbose, args.quiet)
     try:
         result = args._handler(args)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -17,16 +19,32 @@ def _data_root() -> Path | None:
     return root if root.is_dir() else None
 
 
+def on_ci() -> bool:
+    """True under CI (``CI=true``, as .ci/run sets), where a test must not skip for want of data or programs."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the running test with ``reason``, or fail it under CI, where a skip would let the suite pass
+    while testing little."""
+    if on_ci():
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def unavailable() -> Callable[[str], NoReturn]:
+    """:func:`skip_or_fail`, for a test that finds something it needs missing (``unavailable(reason)``)."""
+    return skip_or_fail
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The reference data folder; tests that need it skip with a reason when it is absent,
-    and fail instead under CI (``CI=true``), where a skip would let the suite pass while testing little."""
+    and fail instead under CI (``CI=true``)."""
     root = _data_root()
     if root is None:
-        message = "reference data not found: set PARTICLE_VAE_DATA or place it at ../shared/data"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (CI=true: data-dependent tests must run)")
-        pytest.skip(message)
+        skip_or_fail("reference data not found: set PARTICLE_VAE_DATA or place it at ../shared/data")
     return root
 
 

@@ -25,6 +25,28 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
+def _environment_after(code: str, **env: str) -> str:
+    """``THP_MEM_ALLOC_ENABLE`` in a fresh Python after ``code`` (started without it, or with ``env``)."""
+    import os
+
+    base = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    done = subprocess.run([sys.executable, "-c", code + "\nimport os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                          capture_output=True, text=True, env={**base, **env}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_huge_pages_are_asked_for_by_the_command_line_only():
+    """The command line sets THP_MEM_ALLOC_ENABLE=1 before torch is imported; importing the package sets nothing,
+    a user's THP_MEM_ALLOC_ENABLE=0 stays, and after torch is imported nothing is set."""
+    run_cli = ("import sys\nfrom particle_vae import cli\nassert 'torch' not in sys.modules\n"
+               "assert cli.main(['info', '--json', 'absent.star']) == 2\nassert 'torch' in sys.modules")
+    assert _environment_after(run_cli) == "1"
+    assert _environment_after(run_cli, THP_MEM_ALLOC_ENABLE="0") == "0"
+    assert _environment_after("import particle_vae") == "None"
+    assert _environment_after("import torch, particle_vae\nparticle_vae.enable_huge_pages()") == "None"
+
+
 def test_info_on_relion31_star(cryoem_dir, capsys):
     assert cli.main(["info", str(cryoem_dir / "relion31" / "relion31.star")]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,6 @@ curves' epoch numbers and KL legend, and machine-specific paths in the docs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -23,12 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 PFCRT = "FinalRefinement-OriginalParticles-PfCRT"  # a real RELION 3.0.6 STAR (data_images, no optics block), no images
 
 
-def subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = cli.build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
-
 def help_text(name: str, capsys, monkeypatch) -> str:
     monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as exit_info:
@@ -37,11 +30,43 @@ def help_text(name: str, capsys, monkeypatch) -> str:
     return capsys.readouterr().out
 
 
+def listed_arguments(text: str) -> dict[str, tuple[list[str], bool, str]]:
+    """The arguments a ``--help`` text lists, in its sections after the description:
+    the first long option (or the positional's name) -> (its option strings, whether
+    it takes a value, its help text on one line)."""
+    body = re.split(r"^(?:positional arguments|options|optional arguments):$", text, maxsplit=1, flags=re.M)[1]
+    listed, current = {}, None
+    for line in body.splitlines():
+        entry = re.match(r"^  (\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if entry:  # "  --out OUT, -o OUT   help" (Python 3.13: "  -o, --out OUT   help"), "  input   help"
+            forms = [form.split() for form in entry.group(1).split(", ")]
+            names = [form[0] for form in forms]
+            key = next((name for name in names if name.startswith("--")), names[0])
+            current = listed[key] = (names, any(len(form) > 1 for form in forms), [entry.group(2) or ""])
+        elif current is not None and line.startswith("   ") and line.strip():  # the help's next line
+            current[2].append(line.strip())
+        else:
+            current = None
+    return {key: (names, value, " ".join(part for part in shown if part)) for key, (names, value, shown) in listed.items()}
+
+
+def required_options(text: str) -> set[str]:
+    """The options the usage line of a ``--help`` text shows outside brackets (the required ones)."""
+    usage, depth, kept = text.split("\n\n")[0], 0, []
+    for char in usage:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth == 0 and char not in "[]":
+            kept.append(char)
+    return {word for word in "".join(kept).split() if word.startswith("-")}
+
+
 # --------------------------------------------------------------------------- help
 
 
 def test_every_command_uses_the_one_help_formatter():
-    for name, parser in subparsers().items():
+    parsers = cli.command_parsers()
+    assert list(parsers) == list(cli.COMMANDS)
+    for name, parser in parsers.items():
         assert parser.formatter_class is cli.HelpFormatter, name
 
 
@@ -64,36 +89,42 @@ def test_help_reflows_prose_to_the_terminal_width(capsys, monkeypatch):
     assert prose and max(len(line) for line in prose) <= 100
 
 
-def test_every_option_has_help_and_shows_its_default():
-    flags = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction)
-    for name, parser in subparsers().items():
-        formatter = parser._get_formatter()
-        for action in parser._actions:
-            if action.help == argparse.SUPPRESS:
-                assert action.option_strings == ["--datadir"], (name, action.option_strings)  # the only hidden option
-                continue
-            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
-            if not action.option_strings or isinstance(action, flags) or action.required:
-                continue
-            shown = formatter._expand_help(action)
-            assert "(default: " in shown, f"{name} {action.option_strings[0]} does not show its default: {shown!r}"
-            if action.default is not None:
-                assert f"(default: {action.default}" in shown, (name, action.option_strings, shown)
+def test_every_option_has_help_and_shows_its_default(capsys, monkeypatch):
+    for name, parser in cli.command_parsers().items():
+        text = help_text(name, capsys, monkeypatch)
+        listed, required = listed_arguments(text), required_options(text)
+        assert "--help" in listed and "--datadir" not in listed, name  # the old spelling is accepted but not shown
+        for key, (names, takes_value, shown) in listed.items():
+            assert shown, f"{name} {key} has no help text"
+            if not key.startswith("-") or not takes_value or required & set(names):
+                continue  # positionals, flags and required options have no default to show
+            assert "(default: " in shown, f"{name} {key} does not show its default: {shown!r}"
+            default = parser.get_default(key.lstrip("-").replace("-", "_"))
+            if default is not None:
+                assert f"(default: {default}" in shown, (name, key, shown)
 
 
-def test_train_options_show_the_training_defaults_and_presets():
+def test_help_parsing_sees_flags_values_and_required_options(capsys, monkeypatch):
+    text = help_text("train", capsys, monkeypatch)
+    listed = listed_arguments(text)
+    assert listed["--out"][:2] == (["--out", "-o"], True) or listed["--out"][:2] == (["-o", "--out"], True)
+    assert listed["--resume"][1] is False and listed["--epochs"][1] is True and "input" in listed
+    assert listed["--gpus"][2].endswith("(default: one process, no torchrun)")
+    assert required_options(text) == {"--out"}
+
+
+def test_train_options_show_the_training_defaults_and_presets(capsys, monkeypatch):
     from particle_vae.engine.presets import PRESETS
     from particle_vae.engine.trainer import TrainSettings
 
-    parser = subparsers()["train"]
-    formatter = parser._get_formatter()
-    shown = {action.dest: formatter._expand_help(action) for action in parser._actions if action.option_strings}
+    shown = {key: text for key, (_, _, text) in listed_arguments(help_text("train", capsys, monkeypatch)).items()}
     defaults = TrainSettings()
     for dest in ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed", "num_workers"):
+        option = "--workers" if dest == "num_workers" else "--" + dest.replace("_", "-")
         value = getattr(defaults, dest)
-        assert f"(default: {value:g}" in shown[dest], (dest, shown[dest])
-    assert f"tiny {PRESETS['tiny']['train']['batch_size']}" in shown["batch_size"]
-    assert f"tiny {PRESETS['tiny']['train']['lr']:g}" in shown["lr"]
+        assert f"(default: {value:g}" in shown[option], (option, shown[option])
+    assert f"tiny {PRESETS['tiny']['train']['batch_size']}" in shown["--batch-size"]
+    assert f"tiny {PRESETS['tiny']['train']['lr']:g}" in shown["--lr"]
 
 
 # --------------------------------------------------------------------------- --stack-dir
@@ -126,14 +157,13 @@ def test_stack_dir_finds_the_stacks_and_old_datadir_still_works(relion30_project
         assert "--stack-dir FOLDER" in out and "--datadir" not in out, name
 
 
-def test_relaunch_writes_the_stack_folder_once_under_its_new_name(tmp_path):
+def test_relaunch_keeps_the_old_stack_folder_spelling_working(tmp_path):
     from particle_vae.engine.distributed import launch_argv
 
     parser = cli.build_parser(only="train")
-    args = parser.parse_args(["train", "p.star", "--out", str(tmp_path / "run"), "--datadir", str(tmp_path), "--gpus", "2"])
-    argv = launch_argv(args, args._launch_parser, "train")
-    assert argv.count("--stack-dir") == 1 and "--datadir" not in argv
-    assert argv[argv.index("--stack-dir") + 1] == str(tmp_path)
+    argv = launch_argv(["train", "p.star", "--out", str(tmp_path / "run"), "--datadir", str(tmp_path), "--gpus", "2"], device="auto")
+    again = parser.parse_args(argv)
+    assert again.stack_dir == tmp_path and again.gpus is None and again.device == "auto"
 
 
 # --------------------------------------------------------------------------- info and the mixed-box error
@@ -284,3 +314,15 @@ def test_readme_says_what_the_demo_time_depends_on():
     paragraph = readme[readme.index("How long the demo takes"):].split("\n\n")[0]
     for factor in ("cores", "busy", "pose", "--no-refine", "--epochs", "--n"):
         assert factor in paragraph, factor
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's second set-up command is the line .ci/run runs, with CI=true (data-dependent tests fail, not skip)
+    and ruff on the whole repository."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"```bash\n# [^\n]*\n([^\n]+)\n```", readme)
+    assert len(commands) >= 2
+    ci = (REPO / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
+    assert "ruff check . && python -m pytest" in commands[1]
+    assert re.search(r"^export CI=true$", ci[:ci.index(commands[1])], flags=re.M)

@@ -192,6 +192,33 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path, monkeypatch):
     assert [r["step"] for r in RunDirectory(tmp_path / "quiet").read_metrics()] == [1]
 
 
+def test_ddp_wraps_the_parameters_and_the_models_own_buffers_only():
+    """DDP broadcasts every buffer of the module it wraps: the LossModule holds the model's parameters and its
+    persistent buffers (here the generator's Fourier frequencies), the same tensor objects, so that DDP's
+    broadcasts land in the model; not e2cnn's sampled bases nor the buffers rebuilt from the config."""
+    from particle_vae.engine.distributed import LossModule
+    from particle_vae.models import TargetVAE, TargetVAEConfig
+
+    model = TargetVAE(TargetVAEConfig(box=16, zdim=2, group_order=8, n_fields=4, kernel=21, padding=4, gen_hidden=32, n_fourier=16))
+    wrapper = LossModule(model)
+    assert [id(p) for p in wrapper.parameters()] == [id(p) for p in model.parameters()]
+    buffers = dict(wrapper.named_buffers())
+    assert list(buffers) == ["tensors.generator/features/frequencies"]
+    assert buffers["tensors.generator/features/frequencies"] is model.get_buffer("generator.features.frequencies")
+    e2cnn = [name for name, module in model.named_modules() if type(module).__module__.startswith("e2cnn")]
+    assert e2cnn and any(name.startswith(e2cnn[0] + ".") for name, _ in model.named_buffers())
+    assert [name for name, _ in wrapper.named_modules()] == ["", "tensors"]
+    wrapper.train(False)
+    assert not model.training
+    wrapper.train(True)
+    assert model.training
+    images = torch.randn(2, 1, 16, 16)
+    torch.manual_seed(0)
+    loss = wrapper(images, scale=2.0)[0]
+    torch.manual_seed(0)
+    assert torch.equal(loss, 2.0 * model.loss(images).loss)
+
+
 def test_rank_slices_of_the_chunk_sampler_make_up_the_single_process_batches():
     single = list(ChunkShuffleBatchSampler(203, 32, chunk_size=8, seed=4))
     ranks = [ChunkShuffleBatchSampler(203, 32, chunk_size=8, seed=4, rank=r, world_size=4) for r in range(4)]
@@ -226,9 +253,8 @@ def test_global_batch_must_divide_by_the_number_of_processes(tmp_path: Path):
                 context=DistContext(rank=0, world_size=3, backend="gloo"))
 
 
-def test_gpus_option_refuses_without_cuda(tmp_path: Path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_gpus_option_refuses_without_cuda(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     stack = _random_stack(tmp_path)
     assert cli.main(["train", str(stack), "--model", "vae", "--gpus", "2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -236,17 +262,46 @@ def test_gpus_option_refuses_without_cuda(tmp_path: Path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_launch_command_line_reproduces_the_options():
+def test_launch_command_line_is_the_users_without_the_launch_options():
     parser = cli.build_parser()
-    args = parser.parse_args(["-q", "train", "in.star", "--out", "r", "--no-bf16", "--invert", "--batch-size", "8",
-                              "--ddp-cpu-processes", "2", "--max-steps", "5"])
-    argv = launch_argv(args, args._launch_parser, "train", overrides={"device": "cpu"})
-    assert argv[:2] == ["-q", "train"] and argv[-1] == "in.star"
-    assert "--ddp-cpu-processes" not in argv and "--no-bf16" in argv and "--invert" in argv
-    again = parser.parse_args(argv)
-    for name in ("out", "bf16", "invert", "batch_size", "max_steps", "input"):
-        assert getattr(again, name) == getattr(args, name), name
-    assert again.device == "cpu" and again.ddp_cpu_processes is None
+    argv = ["-q", "train", "in.star", "--out", "r", "--no-bf16", "--invert", "--batch-size", "8", "--ddp-cpu-processes", "2",
+            "--max-steps", "5", "--device", "cuda"]
+    args = parser.parse_args(argv)
+    again_argv = launch_argv(argv, device="cpu")
+    # the user's words in the user's order; the forced device last, where it overrides the user's
+    assert again_argv == [*argv[:9], *argv[11:], "--device", "cpu"]
+    again = parser.parse_args(again_argv)
+    assert vars(again) == {**vars(args), "ddp_cpu_processes": None, "device": "cpu"}
+    assert launch_argv(argv) == [*argv[:9], *argv[11:]]
+
+
+@pytest.mark.parametrize("spelling", [["--gpus", "2"], ["--gpus=2"], ["--gpu", "2"], ["--ddp-cpu-processes=2"], ["--ddp", "2"]])
+def test_launch_options_are_removed_however_argparse_accepted_them(spelling):
+    parser = cli.build_parser()
+    argv = ["train", "--out", "r", *spelling, "--seed", "3", "in.star"]
+    args = parser.parse_args(argv)
+    assert args.gpus == 2 or args.ddp_cpu_processes == 2
+    again = parser.parse_args(launch_argv(argv, device="auto"))
+    assert again.gpus is None and again.ddp_cpu_processes is None
+    assert (again.out, again.seed, again.input, again.device) == (args.out, 3, Path("in.star"), "auto")
+
+
+def test_words_after_a_double_dash_are_not_options():
+    argv = ["train", "--out", "r", "--gpus", "2", "--", "--gpus"]
+    assert launch_argv(argv, device="auto") == ["train", "--out", "r", "--device", "auto", "--", "--gpus"]
+    again = cli.build_parser().parse_args(launch_argv(argv, device="auto"))
+    assert again.input == Path("--gpus") and again.gpus is None
+
+
+def test_one_cpu_process_runs_the_command_in_place(tmp_path: Path):
+    """``--ddp-cpu-processes=1`` starts no torchrun: the command runs again in this process, on the CPU."""
+    stack = _random_stack(tmp_path)
+    run = tmp_path / "run"
+    argv = ["-q", "train", str(stack), "--model", "vae", "--epochs", "1", "--max-steps", "1", "--batch-size", "8",
+            "--ddp-cpu-processes=1", "--device", "auto", "--out", str(run)]
+    assert cli.main(argv) == 0
+    assert RunDirectory(run).read_config()["train"]["device"] == "cpu"
+    assert [row["step"] for row in RunDirectory(run).read_metrics()] == [1]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,11 +377,6 @@ def test_short_supervised_training_raises_the_elbo_and_classifies():
 # command line
 # ---------------------------------------------------------------------------
 
-TRAIN_SOURCE = (Path(__file__).resolve().parents[1] / "particle_vae" / "commands" / "train.py").read_text()
-HAS_LABEL_OPTIONS = "--label-column" in TRAIN_SOURCE and re.search(r"--labels\b", TRAIN_SOURCE) is not None
-
-
-@pytest.mark.skipif(not HAS_LABEL_OPTIONS, reason="train has no --label-column / --labels options yet")
 def test_train_and_infer_with_labels_through_the_cli(tmp_path):
     from particle_vae import cli
     from particle_vae.io.mrc import write_stack

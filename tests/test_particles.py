@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import shutil
@@ -30,7 +29,6 @@ from particle_vae.data.particles import (
 from particle_vae.errors import InputFileError
 from particle_vae.io.mrc import HEADER_BYTES, write_stack
 from particle_vae.io.star import image_name, make_particle_star
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -444,15 +442,6 @@ def test_nan_image_in_worker_is_one_line(nan_stack: Path):
 # --------------------------------------------------------------------------- through the CLI
 
 
-def _cli_ready() -> bool:
-    if importlib.util.find_spec("particle_vae.commands.info") is None:
-        return False
-    from particle_vae import cli
-
-    return all(importlib.util.find_spec(f"particle_vae.commands.{module}") is not None for module, _ in cli.COMMANDS.values())
-
-
-@pytest.mark.skipif(not _cli_ready(), reason="particle_vae/commands/info.py (or another registered command module) does not exist yet")
 def test_errors_through_cli_info(tmp_path: Path, toy_stack: Path, toy_star: Path, relion31_star: Path, nan_stack: Path, capsys):
     from particle_vae import cli
     from particle_vae.errors import EXIT_USER_ERROR

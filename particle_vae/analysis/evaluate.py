@@ -15,8 +15,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from particle_vae.analysis.metrics import (circular_correlation, cluster_latents, clustering_accuracy, mean_per_label, pearson,
-                                           rotation_sweep_rmse)
+from particle_vae.analysis.metrics import (
+    circular_correlation,
+    cluster_latents,
+    clustering_accuracy,
+    mean_per_label,
+    pearson,
+    rotation_sweep_rmse,
+)
 from particle_vae.conventions import move_objects
 from particle_vae.models.base import PoseVAE, Readout
 

@@ -21,8 +21,8 @@ log = logging.getLogger("particle_vae")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from particle_vae.data.cache import CACHE_DTYPES
     from particle_vae.commands.train import add_input_options
+    from particle_vae.data.cache import CACHE_DTYPES
     from particle_vae.engine.presets import PRESETS
 
     parser.add_argument("input", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")

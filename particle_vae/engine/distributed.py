@@ -236,6 +236,17 @@ class LossModule(nn.Module):
     synchronisation. ``forward`` returns a tuple of tensors (DDP walks the
     output to find the autograd graph): ``(loss, elbo, term names, term values)``.
 
+    DDP broadcasts every buffer of the module it wraps (once at the start, and
+    at every training step). Most of a model's buffers need no broadcast: e2cnn's
+    sampled filter bases (hundreds of MB) and the non-persistent buffers are
+    rebuilt from the config, the same on every rank. So the model is not a
+    submodule here; this module registers the model's parameters and its own
+    persistent buffers (:func:`~particle_vae.models.base.learnable_state`, e.g.
+    EquiVAE's class-mean bank), the same tensor objects, under ``tensors``. DDP
+    writes its broadcasts into those tensors in place, so the model sees them.
+    The model must therefore be on its device before it is wrapped, and must
+    update these buffers in place (as ``load_state_dict`` and the models do).
+
     Args:
         model: a :class:`~particle_vae.models.base.PoseVAE`.
 
@@ -245,22 +256,33 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module):
+        from particle_vae.models.base import learnable_state
+
         super().__init__()
-        self.model = model
+        self._model = (model,)  # in a tuple, so that nn.Module does not register it as a submodule
+        self.tensors = nn.Module()
+        parameters = dict(model.named_parameters())
+        for name, parameter in parameters.items():
+            self.tensors.register_parameter(name.replace(".", "/"), parameter)
+        for name in learnable_state(model):
+            if name not in parameters:
+                self.tensors.register_buffer(name.replace(".", "/"), model.get_buffer(name))
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model."""
+        return self._model[0]
+
+    def train(self, mode: bool = True) -> LossModule:
+        """Set training mode here and on the model (which is not a submodule)."""
+        super().train(mode)
+        self.model.train(mode)
+        return self
 
     def forward(self, images: torch.Tensor, scale: float = 1.0, **kwargs):
         terms = self.model.loss(images, **kwargs)
         names = tuple(terms.terms)
         return terms.loss * scale, terms.elbo, names, tuple(terms.terms[name] for name in names)
-
-
-def non_learnable_buffer_names(model: nn.Module, prefix: str = "model.") -> list[str]:
-    """Buffers rebuilt from the config (e2cnn's sampled filter bases), named as
-    in a :class:`LossModule` around ``model``; DDP need not broadcast them."""
-    from particle_vae.models.base import _learnable_items
-
-    learnable = {name for name, _ in _learnable_items(model)}
-    return [prefix + name for name, _ in model.named_buffers() if name not in learnable]
 
 
 def unused_parameters(model: nn.Module, device: torch.device) -> list[str]:
@@ -289,16 +311,15 @@ def wrap_ddp(model: nn.Module, context: DistContext, device: torch.device) -> nn
     """``DistributedDataParallel(LossModule(model))`` for this rank.
 
     e2cnn's sampled filter bases (buffers rebuilt from the config, hundreds of
-    MB) are left out of DDP's buffer synchronisation; the models' own buffers
-    (e.g. EquiVAE's class-mean bank) are taken from rank 0 at every step, as
-    DDP does by default. DDP looks for parameters without a gradient at every
+    MB) are left out of DDP's buffer synchronisation (:class:`LossModule`); the
+    models' own buffers (e.g. EquiVAE's class-mean bank) are taken from rank 0 at
+    every step, as DDP does by default. DDP looks for parameters without a gradient at every
     step (an extra walk over the autograd graph) only when a probe step finds
     some (:func:`unused_parameters`).
     """
     from torch.nn.parallel import DistributedDataParallel
 
     wrapper = LossModule(model)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, non_learnable_buffer_names(model))
     unused = any_rank(context, bool(unused_parameters(model, device)))
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(wrapper, device_ids=device_ids, find_unused_parameters=unused)
@@ -317,15 +338,22 @@ def torchrun_command(n_processes: int, argv: Sequence[str], module: str = "parti
 # --------------------------------------------------------------------------- launching from the command line
 
 #: options that only tell the launching process how many processes to start
-LAUNCH_OPTIONS = ("gpus", "ddp_cpu_processes")
+LAUNCH_FLAGS = ("--gpus", "--ddp-cpu-processes")
 
 
-def add_launch_args(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--gpus N`` and ``--ddp-cpu-processes N`` for a subcommand (and remember its parser)."""
+def add_launch_args(parser: argparse.ArgumentParser, what: str, default_help: str = "") -> None:
+    """``--gpus N`` and ``--ddp-cpu-processes N`` for a subcommand (and remember its parser).
+
+    Args:
+        parser: the subcommand's parser.
+        what: what runs on several processes, for the help of ``--gpus``.
+        default_help: appended to the help of both options (e.g. their default).
+    """
     group = parser.add_argument_group("several processes (docs/scale.md)")
-    group.add_argument("--gpus", type=int, metavar="N", help=f"{what} on N GPUs of this node (starts torchrun with N processes)")
+    group.add_argument("--gpus", type=int, metavar="N",
+                       help=f"{what} on N GPUs of this node (starts torchrun with N processes){default_help}")
     group.add_argument("--ddp-cpu-processes", type=int, metavar="N",
-                       help="testing the distributed path without GPUs: N CPU processes with the gloo backend")
+                       help=f"testing the distributed path without GPUs: N CPU processes with the gloo backend{default_help}")
     parser.set_defaults(_launch_parser=parser)
 
 
@@ -335,48 +363,52 @@ def wants_launch(args: argparse.Namespace) -> bool:
     return asked and not launched_by_torchrun()
 
 
-def launch_argv(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str,
-                overrides: dict | None = None) -> list[str]:
-    """The command line that reproduces ``args`` for ``command``, without the launch options.
+def _is_option(token: str, flags: Sequence[str]) -> bool:
+    """``token`` (without any ``=value``) is one of ``flags`` or an abbreviation of one, as argparse accepts them."""
+    name = token.partition("=")[0]
+    return name.startswith("--") and len(name) > 2 and any(flag.startswith(name) for flag in flags)
+
+
+def launch_argv(argv: Sequence[str], device: str | None = None) -> list[str]:
+    """The command line of the processes a launch starts: ``argv`` without the launch options.
+
+    Removes ``--gpus N`` and ``--ddp-cpu-processes N``, also written ``--gpus=N``
+    or abbreviated (``--gpu N``); everything else stays as the user wrote it.
+    Options after ``--`` are not options and stay.
 
     Args:
-        args: parsed arguments (including the global ``-v``/``-q``).
-        parser: the subcommand's parser (its actions say how each option is written).
-        overrides: dest -> value to use instead of the parsed one.
+        argv: the command line after the program name (``[-q|-v..., command, ...]``).
+        device: when given, ``--device DEVICE`` is added after the command's other
+            options, so that it overrides a ``--device`` the user gave.
     Returns:
-        ``[-q|-v..., command, options..., positionals...]`` for ``python -m particle_vae``.
+        The command line for ``python -m particle_vae``.
     """
-    overrides = overrides or {}
-    head = ["-q"] if getattr(args, "quiet", False) else ["-v"] * int(getattr(args, "verbose", 0) or 0)
-    options, positionals = [], []
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction) or action.dest in LAUNCH_OPTIONS or action.dest.startswith("_"):
-            continue
-        value = overrides.get(action.dest, getattr(args, action.dest, None))
-        if not action.option_strings:
-            if value is not None:
-                positionals.append(str(value))
-            continue
-        if value is None or value == action.default:
-            continue
-        flag = next((option for option in action.option_strings if option.startswith("--")), action.option_strings[0])
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
-            options.append(flag)
-        elif isinstance(value, (list, tuple)):
-            options += [flag, *map(str, value)]
-        else:
-            options += [flag, str(value)]
-    return [*head, command, *options, *positionals]
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept, words = [], iter(argv[:end])
+    for word in words:
+        if not _is_option(word, LAUNCH_FLAGS):
+            kept.append(word)
+        elif "=" not in word:
+            next(words, None)  # its value
+    return [*kept, *(["--device", device] if device is not None else []), *argv[end:]]
 
 
 def relaunch(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
     """Run ``particle-vae command`` again with ``--gpus N`` (NCCL) or ``--ddp-cpu-processes N`` (gloo) processes.
 
+    The processes run the command line that started this one
+    (``args._argv``, which :func:`particle_vae.cli.main` sets, else ``sys.argv``)
+    without the launch options (:func:`launch_argv`).
     ``--gpus`` refuses when CUDA is missing or fewer than ``N`` GPUs are
     visible (pointing to ``--ddp-cpu-processes`` for testing on CPU);
     ``--ddp-cpu-processes`` forces ``--device cpu``. One process runs in
     place; more are started with :func:`torchrun_command` and waited for.
 
+    Args:
+        args: the parsed command line.
+        parser: the subcommand's parser (``args._launch_parser``).
+        command: the subcommand's name.
     Returns:
         0 when every process succeeded.
     Raises:
@@ -386,7 +418,6 @@ def relaunch(args: argparse.Namespace, parser: argparse.ArgumentParser, command:
     gpus, cpus = getattr(args, "gpus", None), getattr(args, "ddp_cpu_processes", None)
     if gpus is not None and cpus is not None:
         raise ParticleVAEError("give either --gpus or --ddp-cpu-processes, not both")
-    overrides = {}
     if gpus is not None:
         count = gpus
         if count < 1:
@@ -400,13 +431,21 @@ def relaunch(args: argparse.Namespace, parser: argparse.ArgumentParser, command:
         device = getattr(args, "device", None)
         if device not in (None, "auto") and not str(device).startswith("cuda"):
             raise ParticleVAEError(f"--gpus cannot be combined with --device {device}; use --ddp-cpu-processes for CPU processes")
-        overrides["device"] = None  # each process takes cuda:LOCAL_RANK
+        device = "auto"  # each process takes cuda:LOCAL_RANK
     else:
         count = cpus
         if count < 1:
             raise ParticleVAEError(f"--ddp-cpu-processes must be at least 1, got {count}")
-        overrides["device"] = "cpu"
-    argv = launch_argv(args, parser, command, overrides=overrides)
+        device = "cpu"
+    argv = launch_argv(getattr(args, "_argv", None) or sys.argv[1:], device=device)
+    # the global options (-q, -v) take no value: the first other word is the command
+    position = next((i for i, token in enumerate(argv) if not token.startswith("-")), len(argv))
+    if argv[position:position + 1] != [command]:
+        raise ParticleVAEError(f"cannot start '{command}' again from the command line {' '.join(argv)!r}")
+    again = parser.parse_args(argv[position + 1:])
+    if wants_launch(again):  # never expected: a launch option the stripping missed would start processes without end
+        raise ParticleVAEError(f"could not remove --gpus/--ddp-cpu-processes from the command line {' '.join(argv)}; "
+                               "write them out in full")
     if count == 1:
         from particle_vae import cli
 

@@ -7,6 +7,11 @@ Layout::
     RUN/train.log            the log
     RUN/checkpoints/last.pt  state after the last finished epoch (resumable)
     RUN/checkpoints/best.pt  learnable parameters at the best validation ELBO
+
+config.json carries a ``schema_version`` and is read through
+:class:`~particle_vae.engine.run_config.RunConfig` (older versions migrated,
+unknown keys refused in one line). Checkpoints are loaded with
+``torch.load(..., weights_only=True)`` (:func:`load_checkpoint_file`).
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from particle_vae.engine.run_config import RunConfig
 from particle_vae.errors import OutputFileError, ParticleVAEError
 from particle_vae.io.atomic import atomic_path, atomic_write_text, folder_problem, remove_stale_temporaries
 
@@ -65,17 +73,34 @@ class RunDirectory:
             removed += remove_stale_temporaries(path)
         return removed
 
-    def write_config(self, config: dict) -> None:
-        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=False) + "\n")
+    def write_config(self, config: dict | RunConfig) -> None:
+        """Write config.json (atomically) at the current schema version.
 
-    def read_config(self) -> dict:
+        Args:
+            config: a :class:`RunConfig`, or its content as a dict (this program's own,
+                at the current version: checked, not migrated).
+        Raises:
+            InputFileError: an unknown or missing key (see :mod:`particle_vae.engine.run_config`).
+        """
+        if not isinstance(config, RunConfig):
+            config = RunConfig.from_dict(config, self.config_path, current=True)
+        atomic_write_text(self.config_path, config.to_json())
+
+    def read_run_config(self) -> RunConfig:
+        """config.json, migrated to the current schema version and checked.
+
+        Raises:
+            ParticleVAEError: no config.json (not a run directory), or a one-line
+                problem with its content (unreadable, unknown key, newer version).
+        """
         if not self.config_path.exists():
             raise ParticleVAEError(f"{self.path}: not a particle-vae run directory (no config.json); give the folder written by particle-vae train")
-        try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ParticleVAEError(f"{self.config_path}: cannot be read as a run configuration ({type(exc).__name__}); "
-                                   "restore it or train again with --overwrite") from None
+        return RunConfig.read(self.config_path)
+
+    def read_config(self) -> dict:
+        """config.json as a dict (``config["model"]["zdim"]`` ...), migrated and checked
+        as :meth:`read_run_config` does; its ``schema_version`` is the current one."""
+        return self.read_run_config().to_dict()
 
     def read_metrics(self) -> list[dict]:
         """One dict per epoch line. A last line cut off mid-write (training killed
@@ -121,12 +146,58 @@ class RunDirectory:
                                    f"particle-vae train ... --out {self.path} --overwrite")
 
     def load_checkpoint(self, which: str = "best") -> dict:
+        """A checkpoint's content, loaded with ``torch.load(..., weights_only=True)``.
+
+        Args:
+            which: ``"best"`` (falls back to ``last.pt`` when there is no ``best.pt``) or ``"last"``.
+        Raises:
+            ParticleVAEError: no checkpoint yet, or a foreign or damaged file.
+        """
         path = self.best_checkpoint if which == "best" else self.last_checkpoint
         if not path.exists() and which == "best":
             path = self.last_checkpoint
         if not path.exists():
             self.require_checkpoint()
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return load_checkpoint_file(path)
         except Exception as exc:  # a foreign or damaged file
             raise ParticleVAEError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}); retrain or restore it") from None
+
+
+def _legacy_numpy_globals() -> list:
+    """The numpy objects that ``np.random.get_state()`` pickles as: an array's rebuild function,
+    ``ndarray``, ``dtype`` and the uint32 dtype's class; with torch 2.6 or newer also the rebuild
+    function under both its numpy 1 and numpy 2 module names (a file written with the other numpy)."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    names = []
+    if tuple(int(part) for part in torch.__version__.split(".")[:2] if part.isdigit()) >= (2, 6):
+        names = [(reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy.core", "numpy._core")]
+    return [reconstruct, *names, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU, also for checkpoints written before
+    schema version 1.
+
+    Checkpoints of this version hold only tensors, numbers, strings, lists and dicts (the
+    trainer stores the numpy and Python random states as tensors and numbers). A ``last.pt``
+    written before (schema version 0) holds ``np.random.get_state()`` as it is: a tuple with a
+    uint32 numpy array. For it the load is retried with an allowlist of exactly the numpy
+    globals that rebuild such an array (``torch.serialization.safe_globals``, scoped to this
+    call; torch 2.5 or newer) rather than with ``weights_only=False``: these globals only build
+    arrays, whose items stay under the weights_only rules, so a foreign file still cannot run
+    code; and the retry needs no knowledge of the run's schema version (a version-0 run resumed
+    by this program keeps its old ``last.pt`` until its next epoch ends, while its config.json
+    may already have been rewritten at version 1).
+
+    Raises:
+        Whatever ``torch.load`` raises for a foreign or damaged file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not hasattr(torch.serialization, "safe_globals"):
+            raise
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)

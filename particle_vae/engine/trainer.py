@@ -5,6 +5,10 @@ stopping; a held-out validation split drawn from the training data with the
 run's seed; bf16 autocast and channels-last on CUDA; a checkpoint after every
 epoch written atomically, from which ``--resume`` continues exactly (model,
 optimiser, scheduler, random-number states and data order are all restored).
+Checkpoints hold only tensors, numbers, strings, lists and dicts (the numpy and
+Python random states converted), so they load with ``weights_only=True``, and
+the ``schema_version`` of the program that wrote them (see
+:mod:`particle_vae.engine.run_config`).
 
 Data-parallel (several processes started by torchrun, see
 :mod:`particle_vae.engine.distributed`): ``batch_size`` is the global batch;
@@ -34,6 +38,7 @@ from particle_vae.data.particles import IndexSubset, make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory
+from particle_vae.engine.run_config import SCHEMA_VERSION
 from particle_vae.errors import ParticleVAEError
 from particle_vae.models.base import LossTerms, PoseVAE, learnable_state, load_learnable_state
 
@@ -120,19 +125,53 @@ def seed_everything(seed: int) -> None:
 def _rng_state() -> dict:
     """This process's torch, numpy and Python random states, and its current CUDA device's.
 
+    Stored as tensors, strings and numbers only, so that the checkpoint loads with
+    ``torch.load(..., weights_only=True)``; :func:`_set_rng_state` restores them exactly.
     Only the current device's CUDA state is kept: querying every visible GPU
     would create a CUDA context on each of them in every data-parallel process.
     """
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state_to_saved(np.random.get_state()),
+             "python": _python_state_to_saved(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
+def _numpy_state_to_saved(state: tuple) -> dict:
+    """``np.random.get_state()`` (``("MT19937", uint32 keys (624,), pos, has_gauss, cached_gaussian)``)
+    as weights_only-safe content: the keys as an int64 tensor (every uint32 fits), the rest as numbers."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {"bit_generator": str(name), "keys": torch.tensor(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_state_from_saved(saved) -> tuple:
+    """The inverse of :func:`_numpy_state_to_saved`; a tuple (checkpoints written before it) is returned as it is."""
+    if not isinstance(saved, dict):
+        return saved
+    keys = np.asarray(saved["keys"].numpy(), dtype=np.uint32)
+    return saved["bit_generator"], keys, int(saved["pos"]), int(saved["has_gauss"]), float(saved["cached_gaussian"])
+
+
+def _python_state_to_saved(state: tuple) -> dict:
+    """``random.getstate()`` (``(version, 625 ints, gauss_next or None)``) as weights_only-safe content:
+    the 625 ints (each below 2**32) as an int64 tensor."""
+    version, internal, gauss_next = state
+    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": None if gauss_next is None else float(gauss_next)}
+
+
+def _python_state_from_saved(saved) -> tuple:
+    """The inverse of :func:`_python_state_to_saved`; a tuple (checkpoints written before it) is returned as it is."""
+    if not isinstance(saved, dict):
+        return saved
+    return int(saved["version"]), tuple(int(value) for value in saved["internal"].tolist()), saved["gauss_next"]
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state_from_saved(state["numpy"]))
+    random.setstate(_python_state_from_saved(state["python"]))
     if torch.cuda.is_available():
         if "cuda_device" in state:
             torch.cuda.set_rng_state(state["cuda_device"])
@@ -237,7 +276,7 @@ class Trainer:
         """The resumable state; collective (every rank must call it), complete on rank 0."""
         rng_states = ddp.all_gather_objects(self.context, _rng_state())
         return {
-            "epoch": epoch, "epoch_complete": complete, "batches_done": batches_done, "step": self.global_step,
+            "schema_version": SCHEMA_VERSION, "epoch": epoch, "epoch_complete": complete, "batches_done": batches_done, "step": self.global_step,
             "model": learnable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
             "world_size": self.context.world_size, "best_val": self.best_val,
@@ -401,8 +440,8 @@ class Trainer:
             state = self._checkpoint(epoch, batches_done, complete)
             if self.is_main:
                 if improved:
-                    self.run.save_checkpoint(self.run.best_checkpoint, {"epoch": epoch, "model": state["model"],
-                                                                        "model_config": state["model_config"]})
+                    self.run.save_checkpoint(self.run.best_checkpoint, {"schema_version": SCHEMA_VERSION, "epoch": epoch,
+                                                                        "model": state["model"], "model_config": state["model_config"]})
                 self.run.save_checkpoint(self.run.last_checkpoint, state)
                 self.run.append_metrics(row)
                 log.info("epoch %d/%d%s: train ELBO %.3f, validation ELBO %s, lr %.2g, %.1f images/s%s", epoch + 1, settings.epochs,
