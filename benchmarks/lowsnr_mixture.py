@@ -145,6 +145,10 @@ def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> 
     """RELION 2D classification of the normalised particles; returns (timing, data STAR of the last iteration).
 
     A finished run in ``work`` is reused when its command and the simulated stack's checksum are the same.
+    A run that was stopped part-way (K = 10 takes longer than a working session on two cores) is
+    continued from its last finished iteration (``relion_refine --continue``); its time is the sum of
+    the pieces, each counted up to the last iteration it finished (work on an unfinished iteration
+    is lost and not counted), and its CPU seconds are unknown once a piece was killed.
     """
     work.mkdir(parents=True, exist_ok=True)
     steps = {}
@@ -158,18 +162,51 @@ def run_relion(sim: Path, work: Path, k: int, iterations: int, threads: int) -> 
     # the key is the simulated stack RELION's input was made from: relion_preprocess's output differs
     # between runs in its header even when the particles are the same
     stack_digest = file_digest(sim / "particles.mrcs")
-    if record_path.exists() and final_star.exists():
-        record = json.loads(record_path.read_text())
-        if record.get("command") == " ".join(map(str, command)) and record.get("simulated_stack_sha256") == stack_digest:
-            print(f"reusing the RELION K={k} run in {work} (same command, same simulated stack)")
-            steps[f"relion_refine_k{k}"] = record["timing"]
-            return steps, final_star
+    key = {"command": " ".join(map(str, command)), "simulated_stack_sha256": stack_digest}
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    same_run = all(record.get(name) == value for name, value in key.items())
+    if same_run and final_star.exists() and "timing" in record:
+        print(f"reusing the RELION K={k} run in {work} (same command, same simulated stack)")
+        steps[f"relion_refine_k{k}"] = record["timing"]
+        return steps, final_star
+    pieces = record.get("pieces", []) if same_run else []
+    last = last_relion_iteration(out) if same_run else 0
+    if pieces and pieces[-1].get("seconds") is None:  # the previous piece was killed: count it up to its last iteration
+        finished = Path(f"{out}_it{last:03d}_optimiser.star")
+        pieces[-1]["seconds"] = round(max(finished.stat().st_mtime - pieces[-1]["started"], 0.0), 1) if last else 0.0
+        pieces[-1]["to_iteration"] = last
+    if last >= 1 and pieces:
+        run_command = ["relion_refine", "--continue", f"{out}_it{last:03d}_optimiser.star", "--o", str(out), "--iter",
+                       str(iterations), "--j", str(threads), "--pool", "30", "--dont_combine_weights_via_disc"]
+        print(f"continuing the RELION K={k} run in {work} from iteration {last}")
+    else:
+        run_command, pieces, last = command, [], 0
+    pieces.append({"from_iteration": last, "started": time.time(), "seconds": None, "cpu_seconds": None})
+    atomic_json(record_path, {**key, "pieces": pieces})
     # RELION resolves rlnImageName from the folder it runs in: the STAR's own folder here
-    timing = timed(command, work / "relion_refine.log", cwd=sim)
+    piece = timed(run_command, work / f"relion_refine_from_it{last:03d}.log", cwd=sim)
+    pieces[-1].update(seconds=piece["seconds"], cpu_seconds=piece["cpu_seconds"], peak_mib=piece["peak_mib"],
+                      to_iteration=iterations)
+    cpu = [p.get("cpu_seconds") for p in pieces]
+    timing = {"command": key["command"], "seconds": round(sum(p["seconds"] for p in pieces), 1),
+              "cpu_seconds": round(sum(cpu), 1) if None not in cpu else None,
+              "peak_mib": max(p.get("peak_mib", 0.0) for p in pieces), "pieces": len(pieces)}
     steps[f"relion_refine_k{k}"] = timing
-    record_path.write_text(json.dumps({"command": timing["command"], "simulated_stack_sha256": stack_digest, "timing": timing},
-                                      indent=2) + "\n")
+    atomic_json(record_path, {**key, "pieces": pieces, "timing": timing})
     return steps, final_star
+
+
+def last_relion_iteration(out: Path) -> int:
+    """The last iteration of a RELION run (output root ``out``) whose optimiser file was written, 0 if none."""
+    numbers = [int(path.name[len(out.name) + 3:len(out.name) + 6]) for path in out.parent.glob(f"{out.name}_it[0-9][0-9][0-9]_optimiser.star")]
+    return max(numbers, default=0)
+
+
+def atomic_json(path: Path, value: dict) -> None:
+    """Write ``value`` as JSON to ``path`` through a temporary file (a killed benchmark leaves the old record or the new)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def file_digest(path: Path) -> str:
@@ -293,7 +330,10 @@ def table_markdown(results: dict) -> str:
     def relion_times(prefix):
         if relion is None:
             return "n/a"
-        return " + ".join(f"{relion[f'{prefix}_k{k}']:.0f} (K={k})" for k in (3, 10) if f"{prefix}_k{k}" in relion)
+        def value(k):
+            seconds = relion[f"{prefix}_k{k}"]
+            return "not measured (continued after an interruption)" if seconds is None else f"{seconds:.0f}"
+        return " + ".join(f"{value(k)} (K={k})" for k in (3, 10) if f"{prefix}_k{k}" in relion)
 
     lines.append(f"| wall time (s) | {ours['seconds']:.0f} (train + infer + 2 analyze) | {relion_times('seconds')} |")
     lines.append(f"| CPU time (s, all threads) | {ours.get('cpu_seconds', math.nan):.0f} | {relion_times('cpu_seconds')} |")

@@ -75,7 +75,7 @@ def edit_config(run: RunDirectory, change) -> None:
 
 def test_training_writes_the_current_schema_version_and_weights_only_checkpoints(trained):
     config = json.loads((trained / "config.json").read_text())
-    assert list(config)[0] == "schema_version" and config["schema_version"] == SCHEMA_VERSION == 1
+    assert list(config)[0] == "schema_version" and config["schema_version"] == SCHEMA_VERSION == 2
     # the content readers (infer, analyze, the napari plugin) index into is unchanged
     assert config["model"]["model"] == "target-vae" and config["model"]["zdim"] == 2 and config["box"] == 16
     assert set(config) == {"schema_version", "data", "train", "ctf", "model", "pixel_size", "box", "class_values"}
@@ -134,6 +134,7 @@ def test_run_written_before_versioning_infers(tmp_path):
     assert set(config["model"]) == fields | {"model"}
     if "leaky_relu_slope" in fields:  # a setting added after version 0: those runs used 0.2
         assert config["model"]["leaky_relu_slope"] == 0.2
+    assert config["train"]["grad_clip_factor"] == 0.0  # added in version 2: older runs never clipped
     model = build_model(config["model"])
     best = torch.load(run.best_checkpoint, weights_only=True)
     assert set(best["model"]) <= set(model.state_dict())

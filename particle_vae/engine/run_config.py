@@ -29,6 +29,9 @@ Versions:
   fields of :data:`V0_PINNED`, for which the default has changed since: those get
   the value the run was trained with).
 * 1 -- the same content plus ``schema_version``; every field written.
+* 2 -- the training setting ``grad_clip_factor`` (gradient-spike clipping,
+  on by default since); runs of versions 0 and 1 were trained without it, so
+  the migration writes 0 (never clip), which a resumed run then keeps.
 
 The rule for missing fields: in a file of the current version, every field of
 the model's config class and of ``TrainSettings`` must be present. A missing
@@ -63,7 +66,7 @@ from pathlib import Path
 from particle_vae.errors import InputFileError
 
 #: the version every config.json is written with
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: top-level keys of a current config.json, in the order they are written
 CONFIG_KEYS = ("schema_version", "data", "train", "ctf", "model", "pixel_size", "box", "class_values")
@@ -74,6 +77,10 @@ V0_PINNED: dict[str, dict[str, object]] = {
     # the LeakyReLU slope became a setting after version 0; every network used 0.2 before
     "target-vae": {"leaky_relu_slope": 0.2},
 }
+
+#: training settings that version-0 files lack and whose value for those runs is not today's default
+#: (the migration to version 2 writes the same value for version-1 files)
+V0_TRAIN_PINNED: dict[str, object] = {"grad_clip_factor": 0.0}
 
 _FIX_UNKNOWN = ("rename it to one of those (a hand edit or an old name) or remove it, or read this run with the "
                 "particle-vae version that wrote it (a newer or modified one)")
@@ -124,13 +131,22 @@ def _migrate_0_to_1(config: dict) -> dict:
             config["model"] = ordered
     train = config.get("train")
     if isinstance(train, dict):
-        config["train"] = {**_dataclass_defaults(_train_settings_class()), **train}
+        config["train"] = {**_dataclass_defaults(_train_settings_class()), **V0_TRAIN_PINNED, **train}
     config["schema_version"] = 1
     return config
 
 
+def _migrate_1_to_2(config: dict) -> dict:
+    """Version 1 -> 2: runs trained before gradient-spike clipping existed never clipped."""
+    train = config.get("train")
+    if isinstance(train, dict):
+        train.setdefault("grad_clip_factor", 0.0)
+    config["schema_version"] = 2
+    return config
+
+
 #: version v -> the function that turns a file of version v into one of version v + 1
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: _migrate_0_to_1}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
 
 
 @dataclass
