@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from particle_vae.errors import InputFileError, OutputFileError
-from particle_vae.io.star import ParticleStar, image_name, make_particle_star, read_star, write_star
+from particle_vae.io.star import (
+    ParticleStar,
+    StarHeader,
+    image_name,
+    make_particle_star,
+    read_star,
+    scan_star_header,
+    write_star,
+)
 
 REAL_STARS = ["relion31/relion31.star", "toy_projections/toy_projections.star", "empiar10025_metadata/particles.star", "empiar10025_metadata/ctf_params.star"]
 
@@ -154,7 +162,79 @@ def test_floats_are_written_exactly(tmp_path):
     np.testing.assert_array_equal(back.particles["v"].to_numpy(float), values)
 
 
-# --------------------------------------------------------------------------- large files (fast reader, vectorised names)
+def _large_star_text(n: int) -> str:
+    rows = "\n".join(f"  {i % 997 + 1:06d}@Extract/job{i % 3}/mic{i % 50}.mrcs  {1 + i % 2}  {i * 0.5:.2f}  'a b'  {i}"
+                     for i in range(n))
+    return ("# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnOpticsGroupName #2\n_rlnImagePixelSize #3\n"
+            "_rlnImageSize #4\n1 opticsGroup1 1.5 64\n2 opticsGroup2 1.5 64\n\n\n# version 30001\n\ndata_particles\n\nloop_\n"
+            "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnDefocusU #3\n_rlnNote #4\n_rlnCount #5\n# a comment line\n" + rows + "\n\n")
+
+
+# --------------------------------------------------------------------------- one parser, checked against starfile
+# The starfile package (a test dependency) is the independent reference: same blocks, same columns, the same
+# values (numbers compared as numbers, text as text) and the same column types.
+
+#: every STAR file of the reference data (test_the_list_of_shipped_stars_is_complete keeps it complete)
+SHIPPED_STARS = ["empiar10025_metadata/ctf_params.star", "empiar10025_metadata/particles.star",
+                 "formats/FinalRefinement-OriginalParticles-PfCRT.star", "formats/relion31.6opticsgroups.star",
+                 "formats/relion5.star", "relion31/relion31.star", "toy_projections/toy_projections.star"]
+
+
+def assert_same_as_starfile(ours, reference):
+    """``ours`` (a StarFile's blocks) equals starfile's reading, block for block."""
+    assert list(ours) == list(reference)
+    for name, theirs in reference.items():
+        mine = ours[name]
+        if not isinstance(theirs, pd.DataFrame):
+            assert mine == theirs, name
+            continue
+        assert isinstance(mine, pd.DataFrame) and list(mine.columns) == list(theirs.columns), name
+        assert mine.shape == theirs.shape, name
+        for column in theirs.columns:
+            a, b = mine[column], theirs[column]
+            if len(b) == 0:
+                continue  # an empty loop: starfile makes every column float64, text columns stay text here
+            assert a.dtype.kind == b.dtype.kind or (pd.api.types.is_string_dtype(a) and pd.api.types.is_string_dtype(b)), column
+            if pd.api.types.is_numeric_dtype(b):
+                np.testing.assert_array_equal(a.to_numpy(np.float64), b.to_numpy(np.float64), err_msg=f"{name}/{column}")
+            else:
+                assert a.astype(str).tolist() == b.astype(str).tolist(), f"{name}/{column}"
+
+
+def test_the_list_of_shipped_stars_is_complete(cryoem_dir):
+    assert sorted(str(p.relative_to(cryoem_dir)) for p in cryoem_dir.rglob("*.star")) == sorted(SHIPPED_STARS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_STARS)
+def test_every_shipped_star_reads_as_starfile_reads_it(cryoem_dir, name):
+    import starfile
+
+    path = cryoem_dir / name
+    ours = read_star(path)
+    assert_same_as_starfile(ours.blocks, starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"]))
+    # and every column as the text written in the file (what infer uses to write a refinement's poses back byte for byte)
+    names = sorted({str(c) for block in ours.blocks.values() if isinstance(block, pd.DataFrame) for c in block.columns})
+    assert_same_as_starfile(read_star(path, text_columns=names).blocks, starfile.read(path, always_dict=True, parse_as_string=names))
+    # the header scan finds the same particle block and columns, without the rows
+    header = scan_star_header(path)
+    particles = [block for block, table in ours.blocks.items() if isinstance(table, pd.DataFrame) and "rlnImageName" in table.columns]
+    if particles:
+        assert header.particles_block == particles[0] and header.has_rows
+        assert header.columns == list(ours.blocks[particles[0]].columns)
+        assert header.blocks == list(ours.blocks)[: len(header.blocks)] and header.blocks[-1] == particles[0]
+    else:
+        assert header.particles_block is None and header.columns == [] and header.blocks == list(ours.blocks)
+
+
+def test_relion30_and_relion5_files_give_their_versions_tables(cryoem_dir):
+    relion30 = read_star(cryoem_dir / "formats" / "FinalRefinement-OriginalParticles-PfCRT.star")
+    assert list(relion30.blocks) == ["images"] and relion30.blocks["images"].shape == (5, 22)
+    relion5 = read_star(cryoem_dir / "formats" / "relion5.star")
+    assert list(relion5.blocks) == ["optics", "particles"]
+    optics = relion5.blocks["optics"]
+    assert optics["rlnImageSize"].tolist() == [448] and optics["rlnCtfDataAreCtfPremultiplied"].dtype.kind == "i"
+    assert optics["rlnOddZernike"].iloc[0].startswith("[0.0680480107376,")  # a bracketed array stays text
+    assert relion5.blocks["particles"]["rlnImageName"].iloc[0].endswith("toy_images_a.mrcs")
 
 
 def _large_star_text(n: int) -> str:
@@ -165,36 +245,104 @@ def _large_star_text(n: int) -> str:
             "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnDefocusU #3\n_rlnNote #4\n_rlnCount #5\n# a comment line\n" + rows + "\n\n")
 
 
-def test_large_files_are_read_by_the_fast_reader_with_starfile_s_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("n", [10, 30_000])  # 1 kB and 1.9 MB: the reading must not depend on the size
+def test_small_and_large_files_read_alike_and_as_starfile_reads_them(tmp_path, n):
     import starfile
 
-    from particle_vae.io import star as star_module
-
-    path = tmp_path / "large.star"
-    path.write_text(_large_star_text(30_000))
-    assert path.stat().st_size >= star_module.FAST_READ_BYTES
-    calls = []
-    real_fast = star_module._read_star_fast
-    monkeypatch.setattr(star_module, "_read_star_fast", lambda *a, **k: calls.append(1) or real_fast(*a, **k))
-    fast = read_star(path)
-    assert calls, "the fast reader was not used"
+    path = tmp_path / "particles.star"
+    path.write_text(_large_star_text(n))
+    star = read_star(path)
     reference = starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"])
-    assert list(fast.blocks) == list(reference) == ["optics", "particles"]
     for name in reference:
-        pd.testing.assert_frame_equal(fast.blocks[name], reference[name])
-    particles = fast.blocks["particles"]
-    assert particles["rlnNote"].iloc[0] == "a b" and particles["rlnCount"].dtype.kind == "i"
+        pd.testing.assert_frame_equal(star.blocks[name], reference[name])
+    particles = star.blocks["particles"]
+    assert len(particles) == n and particles["rlnNote"].iloc[0] == "a b" and particles["rlnCount"].dtype.kind == "i"
     assert particles["rlnImageName"].iloc[5] == "000006@Extract/job2/mic5.mrcs"
 
 
-def test_fast_reader_leaves_key_value_blocks_to_starfile(tmp_path):
-    from particle_vae.io.star import _read_star_fast
+EDGE_CASES = {
+    # key-value block (quoted values with blanks, numbers), then a RELION 3.0 loop (no optics)
+    "key-value and loop": ("# written by hand\ndata_general\n\n_rlnImageSizeX 64\n_rlnNote 'x y'\n_rlnScale 1.5e3\n"
+                           "_rlnTitle \"hello world\"\n\ndata_\nloop_\n_rlnImageName\n_rlnDefocusU\n1@a.mrcs 10000\n2@a.mrcs 2e4\n"),
+    # RELION 3.1: optics + particles, trailing comments, comment rows, quoted and empty strings, nan
+    "quotes and comments": ("data_optics\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n1 1.1\n\ndata_particles\nloop_\n"
+                            "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnNote #3\n_rlnV #4\n1@a.mrcs 1 'a b' 1\n"
+                            "# a comment row\n2@a.mrcs 1 \"c d\" nan\n3@a.mrcs 1 e 2 # trailing comment\n4@a.mrcs 1 \"\" 3\n"),
+    # empty tables (a loop with columns and no rows), one at the end of the file
+    "empty tables": ("data_optics\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n\n"
+                     "data_particles\nloop_\n_rlnImageName #1\n_rlnX #2\n\n"),
+    # indented lines, tabs, Windows line ends
+    "indented, tabs, CRLF": "  data_p\r\n  loop_\r\n  _rlnImageName #1\r\n\t_rlnX #2\r\n  1@a.mrcs\t1\r\n  2@a.mrcs 2\r\n",
+}
 
-    path = tmp_path / "kv.star"
-    path.write_text("data_general\n\n_rlnImageSizeX 64\n_rlnNote 'x y'\n\n" + _large_star_text(10))
-    assert _read_star_fast(path) is None
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_edge_cases_read_as_starfile_reads_them(tmp_path, case):
+    import starfile
+
+    path = tmp_path / "edge.star"
+    path.write_bytes(EDGE_CASES[case].encode())
+    ours = read_star(path).blocks
+    assert_same_as_starfile(ours, starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"]))
+    if case == "key-value and loop":
+        assert ours["general"] == {"rlnImageSizeX": 64, "rlnNote": "x y", "rlnScale": 1500.0, "rlnTitle": "hello world"}
+        assert ours[""]["rlnDefocusU"].tolist() == [10000.0, 20000.0]
+    if case == "quotes and comments":
+        assert ours["particles"]["rlnNote"].tolist() == ["a b", "c d", "e", ""]
+        assert np.isnan(ours["particles"]["rlnV"].iloc[1])
+    if case == "empty tables":
+        assert ours["particles"].shape == (0, 2) and list(ours["particles"].columns) == ["rlnImageName", "rlnX"]
+
+
+def test_comments_between_column_names_and_text_columns(tmp_path):
+    path = tmp_path / "c.star"
+    path.write_text("data_p\nloop_\n# the columns\n_rlnImageName #1\n\n_rlnAngleRot #2 # degrees\n"
+                    "# the rows\n1@a.mrcs 10.50\n2@a.mrcs -0.000\n\ndata_kv\n_rlnKey 0012 # a comment\n")
     star = read_star(path)
-    assert star.blocks["general"]["rlnImageSizeX"] == 64 and len(star.blocks["particles"]) == 10
+    assert star.blocks["p"]["rlnAngleRot"].tolist() == [10.5, 0.0]
+    assert star.blocks["kv"] == {"rlnKey": 12}
+    text = read_star(path, text_columns=["rlnAngleRot", "rlnKey"])
+    assert text.blocks["p"]["rlnAngleRot"].tolist() == ["10.50", "-0.000"] and text.blocks["kv"] == {"rlnKey": "0012"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data_p\n_rlnA 1 2\n", "line 2: _rlnA in data_p has 2 values"),
+    ("data_p\n_rlnA\n", "line 2: _rlnA in data_p has no value"),
+    ("data_p\n1 2 3\n", "line 2 holds a value outside a loop in data_p"),
+    ("data_p\nloop_\n1 2\n", "line 3 holds a loop_ without column names in data_p"),
+    ("data_p\nloop_\n_rlnA\n1\n_rlnB 2\n", "line 5 has 2 value(s) but the loop of data_p has 1 column(s)"),
+    ("data_p\nloop_\n_rlnA\n_rlnB\n1 2\n3\n", "line 6 has 1 value(s) but the loop of data_p has 2 column(s)"),
+    ("data_p\nloop_\n_rlnA\n_rlnB\n1 2\n3 4 5\n", "line 6 has 3 value(s) but the loop of data_p has 2 column(s)"),
+    ("data_p\n_rlnA 1\nloop_\n_rlnB\n1\n", "line 3 holds a loop_ after key-value pairs in data_p"),
+    ("data_p\nloop_\n_rlnA\nloop_\n_rlnB\n1\n", "line 4 holds a second loop_ in data_p"),
+    ("data_p\nloop_\n", "the loop_ of data_p has no column names"),
+])
+def test_broken_files_give_one_line_errors_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "broken.star"
+    path.write_text(text)
+    with pytest.raises(InputFileError) as info:
+        read_star(path)
+    assert message in str(info.value) and "broken.star" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_header_scan_stops_at_the_first_particle_row(tmp_path):
+    path = tmp_path / "scan.star"
+    path.write_text(_large_star_text(5) + "this line is not STAR \x00 at all\n")
+    header = scan_star_header(path)
+    assert header == StarHeader(["optics", "particles"], "particles",
+                                ["rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnNote", "rlnCount"], has_rows=True)
+    empty = tmp_path / "empty.star"
+    empty.write_text(EDGE_CASES["empty tables"])
+    assert scan_star_header(empty) == StarHeader(["optics", "particles"], "particles", ["rlnImageName", "rlnX"], has_rows=False)
+    no_particles = tmp_path / "ctf.star"
+    no_particles.write_text("data_kv\n_rlnA 1\n\ndata_ctf\nloop_\n_rlnDefocusU\n" + "1.0\n" * 50)
+    assert scan_star_header(no_particles) == StarHeader(["kv", "ctf"], None, [], has_rows=False)
+    # a large table without rlnImageName is not read to its end
+    assert scan_star_header(no_particles, max_skipped_lines=10) == StarHeader(["kv", "ctf"], None, [], has_rows=False)
+    late = tmp_path / "late.star"
+    late.write_text(no_particles.read_text() + "data_particles\nloop_\n_rlnImageName\n1@a.mrcs\n")
+    assert scan_star_header(late).particles_block == "particles"
+    assert scan_star_header(late, max_skipped_lines=10).particles_block is None
 
 
 def test_vectorised_image_name_split_matches_the_regular_expression(tmp_path):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,8 @@ import numpy as np
 from particle_vae.data.particles import ParticleDataset, ParticleSource, make_loader, open_source
 from particle_vae.data.preprocess import Preprocessing
 from particle_vae.errors import InputFileError, OutputFileError
-from particle_vae.io.atomic import atomic_path, atomic_write_text
-from particle_vae.io.mrc import HEADER_BYTES, MRCStack, _build_header
+from particle_vae.io.atomic import atomic_write_text
+from particle_vae.io.mrc import MRCStack, StackWriter
 
 log = logging.getLogger(__name__)
 
@@ -175,37 +174,17 @@ def ensure_cache(source: ParticleSource, preprocessing: dict, cache_path: str | 
     log.info("building cache %s: %d particles, %dx%d px %s (%.2f GB)", cache_path, n, box, box, dtype, n * image_bytes / 1e9)
     reader = ParticleDataset(source, transform=prep)
     loader = make_loader(reader, batch_size, shuffle=False, num_workers=num_workers)
-    total, total_sq, low, high = 0.0, 0.0, np.inf, -np.inf
-    with atomic_path(cache_path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.truncate(HEADER_BYTES + n * image_bytes)
-            fd = handle.fileno()
-            written = 0
-            for batch in loader:
-                images = batch["images"][:, 0].numpy()
+    # overwrite=True: _check_cache_path has already refused inputs and files that are not caches
+    with StackWriter(cache_path, box, prep.output_pixel_size, overwrite=True, mode=mode, n_images=n, durable=True) as writer:
+        for batch in loader:
+            images = batch["images"][:, 0].numpy()
+            with np.errstate(over="ignore"):
                 stored = images.astype(np_dtype)
-                if not np.isfinite(stored).all():
-                    raise InputFileError(f"preprocessed pixel values exceed the {dtype} range (largest magnitude "
-                                         f"{float(np.abs(images).max()):.3g})", source.path,
-                                         "normalise the images (--normalize) or use --cache-dtype float32")
-                first = int(batch["index"][0])
-                _pwrite_all(fd, stored.tobytes(), HEADER_BYTES + first * image_bytes)
-                as64 = images.astype(np.float64)
-                total += float(as64.sum())
-                total_sq += float((as64 ** 2).sum())
-                low, high = min(low, float(images.min())), max(high, float(images.max()))
-                written += images.shape[0]
-            if written != n:
-                raise OutputFileError(f"wrote {written} of {n} images", cache_path, "run again")
-            header = _build_header(box, box, n, prep.output_pixel_size, is_stack=True)
-            pixels = n * box * box
-            mean = total / pixels
-            header[0]["mode"] = mode
-            header[0]["dmin"], header[0]["dmax"], header[0]["dmean"] = low, high, mean
-            header[0]["rms"] = np.sqrt(max(total_sq / pixels - mean ** 2, 0.0))
-            _pwrite_all(fd, header.tobytes(), 0)
-            handle.flush()
-            os.fsync(fd)
+            if not np.isfinite(stored).all():
+                raise InputFileError(f"preprocessed pixel values exceed the {dtype} range (largest magnitude "
+                                     f"{float(np.abs(images).max()):.3g})", source.path,
+                                     "normalise the images (--normalize) or use --cache-dtype float32")
+            writer.write_at(int(batch["index"][0]), stored)
     stat = cache_path.stat()
     meta = {
         "format": CACHE_FORMAT, "fingerprint": fingerprint, "source": str(Path(source.path).resolve()),
@@ -216,13 +195,6 @@ def ensure_cache(source: ParticleSource, preprocessing: dict, cache_path: str | 
     seconds = time.perf_counter() - start
     log.info("cache %s written in %.1f s (%.0f particles/s)", cache_path, seconds, n / max(seconds, 1e-9))
     return CacheInfo(cache_path, sidecar_path(cache_path), n, box, prep.output_pixel_size, dtype, built=True, seconds=seconds)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def open_cache(info: CacheInfo, max_open_stacks: int = 1) -> ParticleDataset:

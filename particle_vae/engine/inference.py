@@ -294,18 +294,13 @@ def verbatim_column_text(star_path: Path, block: str, names: list[str], rows: in
 
     Returns:
         name -> ``(rows,)`` object array of strings; ``{}`` (with a warning, the values
-        are then written in their shortest exact form) when the file cannot give them.
+        are then written in their shortest exact form) when the file changed since it was read.
     """
-    import starfile
+    from particle_vae.io.star import read_star
 
     if not names:
         return {}
-    try:
-        blocks = starfile.read(star_path, always_dict=True, parse_as_string=list(names))
-    except TypeError:  # a starfile without parse_as_string
-        log.warning("%s: the pose columns are rewritten in their shortest form (same values): this starfile "
-                    "version cannot read columns as text", star_path)
-        return {}
+    blocks = read_star(star_path, text_columns=names).blocks
     table = blocks.get(block)
     if not isinstance(table, pd.DataFrame) or len(table) != rows or not all(name in table.columns for name in names):
         log.warning("%s: the pose columns are rewritten in their shortest form (same values): the file changed since it was read",

@@ -2,9 +2,16 @@
 
 Reading never loads a whole stack: :class:`MRCStack` parses the 1024-byte
 header and then reads exactly the bytes of the requested images with
-``os.pread``, so memory stays bounded for stacks of any size and the object is
+``os.preadv``, so memory stays bounded for stacks of any size and the object is
 safe to use from several DataLoader worker processes (each opens its own file
 descriptor after a fork).
+
+This module is the project's only MRC reader and writer: :class:`MRCStack`
+(stacks), :func:`read_map` (volumes), :class:`StackWriter` / :func:`write_stack`
+(stacks, float32 or float16, appended or written at any image index) and
+:func:`write_map`. Why an own reader rather than the usual Python MRC
+package (which the tests use as an independent reference): see docs/data.md,
+"Why an own MRC reader".
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from particle_vae.errors import InputFileError
+from particle_vae.errors import InputFileError, OutputFileError
 from particle_vae.io.atomic import atomic_path, check_output_path
 
 HEADER_BYTES = 1024
 
 #: MRC mode -> numpy dtype (little-endian form; byte order is fixed up on read).
 MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
+#: modes :class:`StackWriter` and :func:`write_stack` write: float32 (2) and float16 (12)
+WRITE_MODES = (2, 12)
 _COMPLEX_MODES = {3: "complex int16", 4: "complex float32"}
 
 _HEADER_FIELDS = [
@@ -98,6 +107,9 @@ class MRCStack:
         path: the file.
         n_images, box: number of images and their edge length in pixels.
         pixel_size: Angstrom per pixel from the header, or ``None``.
+        mode: the MRC mode of the stored values (0, 1, 2, 6 or 12).
+        dtype: their numpy dtype, byte order included.
+        origin: the header's ORIGIN field ``(x, y, z)`` in Angstrom.
 
     A 2D ``.mrc`` with one section is a stack of one image.
     """
@@ -105,6 +117,7 @@ class MRCStack:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         header, order = read_header(self.path)
+        self.mode = int(header["mode"])
         self.dtype = _dtype_for(header, self.path, order)
         nx, ny, nz = int(header["nx"]), int(header["ny"]), int(header["nz"])
         if nx != ny:
@@ -113,6 +126,7 @@ class MRCStack:
             raise InputFileError("holds no images (NZ = 0)", self.path)
         self.n_images, self.box = nz, nx
         self.pixel_size = header_pixel_size(header)
+        self.origin = tuple(float(v) for v in header["origin"])
         self.data_offset = HEADER_BYTES + max(int(header["nsymbt"]), 0)
         self.image_bytes = nx * ny * self.dtype.itemsize
         expected = self.data_offset + self.n_images * self.image_bytes
@@ -169,8 +183,9 @@ class MRCStack:
         count = stop - start
         nbytes = count * self.image_bytes
         offset = self.data_offset + start * self.image_bytes
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
+        # read straight into the array returned: a native float32 stack needs no second copy
+        images = np.empty((count, self.box, self.box), dtype=self.dtype)
+        view = memoryview(images.reshape(-1).view(np.uint8))
         fd = self._descriptor()
         got = 0
         while got < nbytes:
@@ -178,8 +193,7 @@ class MRCStack:
             if chunk == 0:
                 raise InputFileError("ended early while reading images", self.path, "the file may have been truncated while in use")
             got += chunk
-        images = np.frombuffer(buffer, dtype=self.dtype).reshape(count, self.box, self.box)
-        return images.astype(np.float32)
+        return images if images.dtype == np.float32 else images.astype(np.float32)
 
     def read_indices(self, indices) -> np.ndarray:
         """Images at arbitrary 0-based ``indices`` (any order), grouping contiguous runs.
@@ -236,10 +250,12 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float | None]:
     return np.ascontiguousarray(data), header_pixel_size(header)
 
 
-def _build_header(nx: int, ny: int, nz: int, pixel_size: float | None, is_stack: bool) -> np.ndarray:
+def _build_header(nx: int, ny: int, nz: int, pixel_size: float | None, is_stack: bool, mode: int = 2) -> np.ndarray:
+    """A little-endian MRC2014 header (one record) for ``nx x ny x nz`` values of ``mode``;
+    ``pixel_size`` in Angstrom (1.0 when unknown), origin 0; statistics left 0."""
     header = np.zeros(1, dtype=HEADER_DTYPE_LE)
     h = header[0]
-    h["nx"], h["ny"], h["nz"], h["mode"] = nx, ny, nz, 2
+    h["nx"], h["ny"], h["nz"], h["mode"] = nx, ny, nz, mode
     h["mx"], h["my"] = nx, ny
     h["mz"] = 1 if is_stack else nz
     apix = float(pixel_size) if pixel_size else 1.0
@@ -258,20 +274,57 @@ def _build_header(nx: int, ny: int, nz: int, pixel_size: float | None, is_stack:
     return header
 
 
-class StackWriter:
-    """Stream float32 images into a new MRC stack, atomically.
+def _set_statistics(header: np.ndarray, low: float, high: float, total: float, total_sq: float, count: int) -> None:
+    """Fill DMIN, DMAX, DMEAN and RMS (population standard deviation) from running sums over ``count`` values."""
+    mean = total / count
+    h = header[0]
+    h["dmin"], h["dmax"], h["dmean"] = low, high, mean
+    h["rms"] = np.sqrt(max(total_sq / count - mean ** 2, 0.0))
 
-    Use as a context manager; images are appended with :meth:`write` and the
-    file appears under its final name only when the block exits without error::
+
+def _pwrite_all(fd: int, data: bytes | np.ndarray, offset: int) -> None:
+    """Write all of ``data`` (bytes, or a C-contiguous array's raw bytes) at byte ``offset`` of ``fd``."""
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class StackWriter:
+    """Write images into a new MRC image stack (ISPG 0), atomically.
+
+    Use as a context manager; the file appears under its final name only when
+    the block exits without error, with its header (size, pixel size, minimum,
+    maximum, mean and RMS of the values written) filled in then::
 
         with StackWriter("out.mrcs", box=64, pixel_size=2.0) as writer:
-            writer.write(batch)   # (B, 64, 64)
+            writer.write(batch)   # (B, 64, 64), appended
+
+    Args:
+        path: the ``.mrcs`` to write.
+        box: image edge length in pixels.
+        pixel_size: Angstrom per pixel (``None``: 1.0 is written, meaning unknown).
+        overwrite: allow replacing an existing file that is not in ``inputs``.
+        inputs: paths that must never be overwritten.
+        mode: MRC mode of the stored values, 2 (float32) or 12 (float16).
+        n_images: when given, the file is sized for that many images up front
+            and :meth:`write_at` can fill them in any order; exactly that many
+            must have been written when the block exits.
+        durable: flush the file to the disk (``fsync``) before it is renamed into place.
     """
 
-    def __init__(self, path: str | Path, box: int, pixel_size: float | None, overwrite: bool = False, inputs: tuple = ()):
+    def __init__(self, path: str | Path, box: int, pixel_size: float | None, overwrite: bool = False, inputs: tuple = (),
+                 mode: int = 2, n_images: int | None = None, durable: bool = False):
+        if mode not in WRITE_MODES:
+            raise ValueError(f"MRC mode {mode} cannot be written; use one of {WRITE_MODES}")
         self.path = check_output_path(path, overwrite=overwrite, inputs=inputs)
         self.box = int(box)
         self.pixel_size = pixel_size
+        self.mode = mode
+        self.dtype = np.dtype(MODE_DTYPES[mode]).newbyteorder("<")
+        self.image_bytes = self.box * self.box * self.dtype.itemsize
+        self.n_images = None if n_images is None else int(n_images)
+        self.durable = durable
         self.count = 0
         self._sum = 0.0
         self._sumsq = 0.0
@@ -283,39 +336,79 @@ class StackWriter:
     def __enter__(self) -> "StackWriter":
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
-        self._handle = open(tmp, "wb")
-        self._handle.write(b"\0" * HEADER_BYTES)
+        try:
+            self._handle = open(tmp, "wb")
+            self._handle.write(b"\0" * HEADER_BYTES)
+            if self.n_images is not None:
+                self._handle.truncate(HEADER_BYTES + self.n_images * self.image_bytes)
+        except BaseException as error:
+            if self._handle is not None:
+                self._handle.close()
+            self._ctx.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
-    def write(self, images: np.ndarray) -> None:
-        """Append ``(B, box, box)`` images (converted to float32)."""
-        images = np.asarray(images, dtype="<f4")
+    def _stored(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as the stored dtype, ``(B, box, box)``, checked to be finite after the conversion."""
+        images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
-        if images.shape[1:] != (self.box, self.box):
+        if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise ValueError(f"expected images of {self.box}x{self.box}, got {images.shape[1:]}")
-        if not np.isfinite(images).all():
-            raise ValueError(f"{self.path}: refusing to write non-finite pixel values")
-        self._handle.write(np.ascontiguousarray(images).tobytes())
-        self.count += images.shape[0]
-        as64 = images.astype(np.float64)
-        self._sum += as64.sum()
-        self._sumsq += (as64 ** 2).sum()
-        self._min = min(self._min, float(images.min()))
-        self._max = max(self._max, float(images.max()))
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf and are refused below
+            stored = np.ascontiguousarray(images, dtype=self.dtype)
+        if not np.isfinite(stored).all():
+            raise ValueError(f"{self.path}: refusing to write non-finite pixel values"
+                             + (" (values beyond the float16 range?)" if self.mode == 12 else ""))
+        as64 = stored.astype(np.float64)
+        self._sum += float(as64.sum())
+        self._sumsq += float((as64 ** 2).sum())
+        if stored.size:
+            self._min = min(self._min, float(stored.min()))
+            self._max = max(self._max, float(stored.max()))
+        self.count += stored.shape[0]
+        return stored
+
+    def write(self, images: np.ndarray) -> None:
+        """Append ``(B, box, box)`` (or one ``(box, box)``) images, converted to the stack's dtype.
+
+        Raises:
+            ValueError: wrong image size, or values that are not finite once converted.
+        """
+        if self.n_images is not None:
+            raise ValueError("a StackWriter sized with n_images is filled with write_at")
+        self._handle.write(self._stored(images).tobytes())
+
+    def write_at(self, index: int, images: np.ndarray) -> None:
+        """Write ``(B, box, box)`` images as images ``index .. index + B - 1`` (0-based) of a
+        writer sized with ``n_images``, in any order.
+
+        Raises:
+            ValueError: no ``n_images``, images beyond it, a wrong size or non-finite values.
+        """
+        if self.n_images is None:
+            raise ValueError("write_at needs a StackWriter sized with n_images")
+        count = 1 if np.ndim(images) == 2 else len(images)
+        if not 0 <= index <= index + count <= self.n_images:
+            raise ValueError(f"{self.path}: images {index}..{index + count - 1} requested, the stack holds {self.n_images}")
+        stored = self._stored(images)
+        self._handle.flush()  # positional writes go around the buffer
+        _pwrite_all(self._handle.fileno(), stored, HEADER_BYTES + int(index) * self.image_bytes)
 
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
                 if self.count == 0:
                     raise ValueError(f"{self.path}: no images were written")
-                header = _build_header(self.box, self.box, self.count, self.pixel_size, is_stack=True)
-                npix = self.count * self.box * self.box
-                mean = self._sum / npix
-                header[0]["dmin"], header[0]["dmax"], header[0]["dmean"] = self._min, self._max, mean
-                header[0]["rms"] = np.sqrt(max(self._sumsq / npix - mean ** 2, 0.0))
-                self._handle.seek(0)
-                self._handle.write(header.tobytes())
+                if self.n_images is not None and self.count != self.n_images:
+                    raise OutputFileError(f"wrote {self.count} of {self.n_images} images", self.path, "run again")
+                header = _build_header(self.box, self.box, self.count, self.pixel_size, is_stack=True, mode=self.mode)
+                _set_statistics(header, self._min, self._max, self._sum, self._sumsq, self.count * self.box * self.box)
+                self._handle.flush()  # the buffered images first, then the header over the placeholder
+                _pwrite_all(self._handle.fileno(), header, 0)
+                if self.durable:
+                    self._handle.flush()
+                    os.fsync(self._handle.fileno())
             self._handle.close()
         except BaseException as error:
             self._handle.close()
@@ -324,24 +417,38 @@ class StackWriter:
         return self._ctx.__exit__(exc_type, exc, tb)
 
 
-def write_stack(path: str | Path, images: np.ndarray, pixel_size: float | None, overwrite: bool = False, inputs: tuple = ()) -> Path:
-    """Write ``(N, box, box)`` images as a float32 MRC image stack (ISPG 0), atomically."""
+def write_stack(path: str | Path, images: np.ndarray, pixel_size: float | None, overwrite: bool = False, inputs: tuple = (),
+                mode: int = 2) -> Path:
+    """Write ``(N, box, box)`` images as an MRC image stack (ISPG 0), atomically.
+
+    Args:
+        pixel_size: Angstrom per pixel (``None``: 1.0 is written, meaning unknown).
+        mode: 2 (float32) or 12 (float16).
+    Returns:
+        The path written.
+    """
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
-    with StackWriter(path, images.shape[-1], pixel_size, overwrite=overwrite, inputs=inputs) as writer:
+    with StackWriter(path, images.shape[-1], pixel_size, overwrite=overwrite, inputs=inputs, mode=mode) as writer:
         writer.write(images)
     return writer.path
 
 
 def write_map(path: str | Path, volume: np.ndarray, voxel_size: float | None, overwrite: bool = False) -> Path:
-    """Write a ``(nz, ny, nx)`` float32 volume as an MRC map, atomically."""
+    """Write a ``(nz, ny, nx)`` volume indexed ``[z, y, x]`` as a float32 MRC map, atomically.
+
+    Args:
+        voxel_size: Angstrom per voxel (``None``: 1.0 is written, meaning unknown).
+    Returns:
+        The path written.
+    """
     volume = np.asarray(volume, dtype="<f4")
     nz, ny, nx = volume.shape
     path = check_output_path(path, overwrite=overwrite)
     header = _build_header(nx, ny, nz, voxel_size, is_stack=False)
-    h = header[0]
-    h["dmin"], h["dmax"], h["dmean"], h["rms"] = volume.min(), volume.max(), volume.mean(), volume.std()
+    as64 = volume.astype(np.float64)
+    _set_statistics(header, float(volume.min()), float(volume.max()), float(as64.sum()), float((as64 ** 2).sum()), volume.size)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(header.tobytes())

@@ -1,7 +1,11 @@
 """RELION STAR files: reading 3.0 and 3.1+ particle files, writing them back intact.
 
 * :func:`read_star` / :func:`write_star` handle any STAR file as an ordered map of
-  blocks (loops as ``pandas.DataFrame``, key-value blocks as ``dict``).
+  blocks (loops as ``pandas.DataFrame``, key-value blocks as ``dict``). One
+  parser reads every file, small or large (the tests check it against the
+  ``starfile`` package on every STAR of the reference data).
+* :func:`scan_star_header` finds the particle block's columns from the header
+  alone, without reading the rows (for quick checks of large files).
 * :class:`ParticleStar` adds the particle view: which block holds
   ``rlnImageName``, where each image lives (``N@stack`` resolved against the
   STAR's folder or a ``--stack-dir``), pixel sizes and CTF parameters joined
@@ -19,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -59,37 +63,37 @@ class StarFile:
     path: Path | None = None
 
 
-def read_star(path: str | Path) -> StarFile:
+def read_star(path: str | Path, text_columns: Iterable[str] = ()) -> StarFile:
     """Read every block of a STAR file.
 
+    One parser reads every file, whatever its size: each ``loop_``'s rows go to
+    one ``pandas.read_csv`` call (C parser), header lines and key-value blocks
+    are parsed line by line. Columns are numeric when every value is a number
+    (``int64`` or ``float64``; ``nan`` is a float), otherwise text; quotes
+    (``"a b"`` or ``'a b'``) are removed, and ``#`` starts a comment anywhere.
+    A loop without rows gives an empty table with its columns; a key-value
+    block a ``dict`` whose values are ``int``, ``float`` or ``str``.
+
+    Args:
+        path: the STAR file.
+        text_columns: column or key names to keep as the text written in the
+            file (``rlnImageName`` always is), e.g. to write them back byte for byte.
+    Returns:
+        A :class:`StarFile`.
     Raises:
         InputFileError: missing, empty, compressed or non-UTF-8 file, a loop row
             without one value per column (naming the line), or unparsable text.
     """
-    import starfile
-
     path = Path(path)
     if not path.exists():
         raise InputFileError("file not found", path, "check the path")
     if path.is_dir():
         raise InputFileError("is a folder, not a STAR file", path)
     text = _read_star_text(path)
-    if len(text) >= FAST_READ_BYTES:
-        blocks = _read_star_fast(path, parse_as_string=(IMAGE_NAME,), text=text)
-        if blocks:
-            _check_loop_rows(path, text, blocks)
-            return StarFile(blocks=blocks, path=path)
-    try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=[IMAGE_NAME])
-    except TypeError:  # older starfile without parse_as_string
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as exc:  # starfile raises a variety of parser errors
-        _check_loop_rows(path, text)
-        raise InputFileError(f"could not be parsed as a STAR file ({type(exc).__name__}: {exc})", path) from None
+    blocks = _parse_star(text, path, frozenset(text_columns) | {IMAGE_NAME})
     if not blocks:
         raise InputFileError("contains no data blocks", path, "is it a STAR file?")
-    _check_loop_rows(path, text, blocks)
-    return StarFile(blocks=dict(blocks), path=path)
+    return StarFile(blocks=blocks, path=path)
 
 
 #: leading bytes of compressed files -> (format, how to decompress)
@@ -132,110 +136,272 @@ def _read_star_text(path: Path) -> str:
 _STAR_VALUE_RE = re.compile(r"\"[^\"]*\"|'[^']*'|\S+")
 
 
-def _check_loop_rows(path: Path, text: str, blocks: Mapping | None = None) -> None:
-    """Raise naming the first loop row that does not hold one value per column.
+def _check_loop_rows(text: str, start: int, end: int, name: str, n_columns: int, path: Path) -> None:
+    """Raise naming the first row of a loop (``text[start:end]``) that does not hold one value per column.
 
-    Called after a parse error, or when a loop came back with missing values
-    (a short row is read as NaN); a file whose NaN values are written out as
-    ``nan`` passes.
+    Run when ``read_csv`` failed or its table looks short of values (see
+    :func:`_parse_loop_rows`): values are counted line by line, in Python.
     """
-    if blocks is not None and not any(isinstance(block, pd.DataFrame) and block.isna().to_numpy().any() for block in blocks.values()):
-        return
-    block, columns, in_loop, in_rows = None, 0, False, False
-    for number, line in enumerate(text.splitlines(), 1):
+    first_line = _line_number(text, start)
+    for number, line in enumerate(text[start:end].split("\n"), first_line):
         stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
+        if _line_kind(stripped) == "skip":
             continue
-        if stripped.startswith("data_"):
-            block, columns, in_loop, in_rows = stripped.split()[0], 0, False, False
-        elif stripped.startswith("loop_"):
-            columns, in_loop, in_rows = 0, True, False
-        elif stripped.startswith("_"):
-            if in_loop and not in_rows:
-                columns += 1
-            else:  # a key-value pair (after a loop, it ends the loop)
-                in_loop = False
-        elif stripped.startswith(";"):
-            return  # a multi-line text field: rows cannot be counted line by line
-        elif in_loop and columns:
-            in_rows = True
-            values = []
-            for value in _STAR_VALUE_RE.findall(stripped):
-                if value.startswith("#"):
-                    break
-                values.append(value)
-            if len(values) != columns:
-                raise InputFileError(
-                    f"line {number} has {len(values)} value(s) but the loop of {block} has {columns} column(s)", path,
-                    "complete or delete that row (a STAR row holds one value per column)")
+        values = []
+        for value in _STAR_VALUE_RE.findall(stripped):
+            if value.startswith("#"):
+                break
+            values.append(value)
+        if len(values) != n_columns:
+            raise InputFileError(
+                f"line {number} has {len(values)} value(s) but the loop of data_{name} has {n_columns} column(s)", path,
+                "complete or delete that row (a STAR row holds one value per column)")
 
 
-#: files at least this large are read by :func:`_read_star_fast` (smaller ones by ``starfile``)
-FAST_READ_BYTES = 1 << 20
+# --------------------------------------------------------------------------- the parser
 
-_DATA_LINE_RE = re.compile(r"^[ \t]*data_(\S*)[^\n]*$", re.MULTILINE)
+#: a ``data_`` line after the first line (leading blanks allowed); the first line is checked on its own
+_DATA_AFTER_NEWLINE_RE = re.compile(r"\n[ \t]*data_")
 
 
-def _read_star_fast(path: Path, parse_as_string: tuple[str, ...] = (), text: str | None = None) -> dict | None:
-    """Read a STAR file whose blocks are loops, parsing each loop's rows in one
-    ``pandas.read_csv`` call (C parser) instead of line by line.
+def _line_kind(stripped: str) -> str:
+    """What a stripped STAR line is: ``"skip"`` (blank or ``#`` comment), ``"data"``,
+    ``"loop"``, ``"tag"`` (``_name ...``) or ``"value"`` (anything else: a loop row)."""
+    if not stripped or stripped[0] == "#":
+        return "skip"
+    if stripped.startswith("data_"):
+        return "data"
+    if stripped.startswith("loop_"):
+        return "loop"
+    if stripped[0] == "_":
+        return "tag"
+    return "value"
 
-    Gives the same tables as ``starfile.read`` (same ``read_csv`` options, the
-    same numeric conversion) in about half the time for 1,000,000 rows.
-    Returns ``None`` for anything it does not handle (a key-value block, a
-    block without rows, a loop whose rows do not have one value per column,
-    non-UTF-8 text), and the caller then uses ``starfile``. ``text``: the file's
-    text when the caller has already read it.
-    """
+
+def _block_starts(text: str) -> list[tuple[int, int, str]]:
+    """Every ``data_`` line: ``(offset of the line, offset after it, block name)``; the name is the
+    first word after ``data_`` (``""`` for a bare ``data_``)."""
+    starts = [match.start() + 1 for match in _DATA_AFTER_NEWLINE_RE.finditer(text)]
+    if text.lstrip(" \t").startswith("data_"):
+        starts.insert(0, 0)
+    found = []
+    for start in starts:
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        words = text[start:end].strip()[len("data_"):].split()
+        found.append((start, end, words[0] if words else ""))
+    return found
+
+
+def _line_number(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _numericise(value: str) -> int | float | str:
+    """``value`` as an int, else a float, else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def _parse_star(text: str, path: Path, text_columns: frozenset) -> dict:
+    """Every block of STAR ``text``, in file order (see :func:`read_star`)."""
+    starts = _block_starts(text)
+    blocks: dict = {}
+    for number, (_, body_start, name) in enumerate(starts):
+        body_end = starts[number + 1][0] if number + 1 < len(starts) else len(text)
+        blocks[name] = _parse_block(text, body_start, body_end, name, path, text_columns)
+    return blocks
+
+
+def _parse_block(text: str, start: int, end: int, name: str, path: Path, text_columns: frozenset):
+    """One block, ``text[start:end]`` (the lines after its ``data_`` line): a DataFrame for a
+    ``loop_``, a dict for key-value pairs (``{}`` for a block with neither)."""
+    kind = None
+    columns: list[str] = []
+    pairs: dict = {}
+    pos = start
+    while pos < end:
+        newline = text.find("\n", pos, end)
+        line_end = end if newline < 0 else newline + 1
+        stripped = text[pos:line_end].strip()
+        what = _line_kind(stripped)
+        if what == "skip":
+            pass
+        elif kind is None and what == "loop":
+            kind = "loop"
+        elif kind == "loop" and what == "tag":
+            columns.append(stripped.split()[0][1:])
+        elif kind == "loop" and what == "value" and columns:
+            return _parse_loop_rows(text, pos, end, name, columns, path, text_columns)
+        elif kind in (None, "pairs") and what == "tag":
+            kind = "pairs"
+            key, value = _parse_pair(stripped, text, pos, name, path)
+            pairs[key] = value if key in text_columns else _numericise(value)
+        else:
+            if kind == "loop" and not columns:
+                found = "a loop_ without column names"
+            elif what == "loop":
+                found = "a loop_ after key-value pairs" if kind == "pairs" else "a second loop_"
+            else:
+                found = "a value outside a loop" if what == "value" else f"an unexpected {what} line"
+            raise InputFileError(f"line {_line_number(text, pos)} holds {found} in data_{name}", path,
+                                 "a STAR block holds either one loop_ (column names, then one row per line) or _key value lines")
+        pos = line_end
+    if kind == "loop":
+        if not columns:
+            raise InputFileError(f"the loop_ of data_{name} has no column names", path, "add its _column lines or delete the loop")
+        return _empty_table(columns, text_columns)
+    return pairs
+
+
+def _empty_table(columns: list[str], text_columns: frozenset) -> pd.DataFrame:
+    """A loop without rows: its columns, float64 (text for ``text_columns``)."""
+    return pd.DataFrame({i: pd.Series(dtype=object if column in text_columns else np.float64)
+                         for i, column in enumerate(columns)}).set_axis(columns, axis=1)
+
+
+def _parse_pair(stripped: str, text: str, pos: int, name: str, path: Path) -> tuple[str, str]:
+    """``_key value`` (the value optionally quoted, then an optional ``#`` comment) -> ``(key, value)``."""
+    tokens = _STAR_VALUE_RE.findall(stripped)
+    key, values = tokens[0][1:], []
+    for token in tokens[1:]:
+        if token.startswith("#"):
+            break
+        values.append(token)
+    if len(values) != 1:
+        line = _line_number(text, pos)
+        if not values:
+            raise InputFileError(f"line {line}: _{key} in data_{name} has no value", path,
+                                 "give the value on the same line (multi-line ; text fields are not supported)")
+        raise InputFileError(f"line {line}: _{key} in data_{name} has {len(values)} values", path,
+                             "quote a value that holds spaces, e.g. \"a b\"")
+    return key, _unquote(values[0])
+
+
+def _parse_loop_rows(text: str, start: int, end: int, name: str, columns: list[str], path: Path,
+                     text_columns: frozenset) -> pd.DataFrame:
+    """The rows of a loop, ``text[start:end]``, in one ``read_csv`` call; each column numeric when all its values are."""
     import io
 
-    if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-    starts = list(_DATA_LINE_RE.finditer(text))
-    if not starts:
-        return None
-    blocks: dict = {}
-    for number, match in enumerate(starts):
-        body = text[match.end():starts[number + 1].start() if number + 1 < len(starts) else len(text)]
-        lines = iter(body.split("\n", 256))  # the header; the rest stays one string
-        columns, rest = [], None
-        seen_loop = False
-        for line in lines:
-            stripped = line.strip()
-            if not seen_loop:
-                if stripped.startswith("loop_"):
-                    seen_loop = True
-                elif stripped.startswith("_"):
-                    return None  # a key-value block: leave it to starfile
-                continue
-            if stripped.startswith("_"):
-                columns.append(stripped.split()[0][1:])
-                continue
-            rest = line + "\n" + "\n".join(lines)
-            break
-        if not seen_loop or not columns or rest is None or not rest.strip():
-            return None
-        string_columns = {i: str for i, name in enumerate(columns) if name in parse_as_string}
-        try:
-            table = pd.read_csv(io.StringIO(rest.replace("'", '"')), sep=r"\s+", header=None, comment="#", dtype=string_columns,
-                                keep_default_na=False, na_values=["nan", "NaN", "<NA>"], engine="c")
-        except (ValueError, pd.errors.ParserError):
-            return None
+    rows = text[start:end]
+    if "'" in rows:  # read_csv knows one quote character: 'a b' is read as "a b"
+        rows = rows.replace("'", '"')
+    dtypes = {i: str for i, column in enumerate(columns) if column in text_columns}
+    try:
+        table = pd.read_csv(io.StringIO(rows), sep=r"\s+", header=None, comment="#", dtype=dtypes, keep_default_na=False,
+                            na_values=["nan", "NaN", "<NA>"], engine="c")
+    except pd.errors.EmptyDataError:  # only comments after the column names
+        return _empty_table(columns, text_columns)
+    except (ValueError, pd.errors.ParserError) as error:  # e.g. a row with more values than the first
+        _check_loop_rows(text, start, end, name, len(columns), path)
+        raise InputFileError(f"the rows of data_{name} could not be parsed ({type(error).__name__}: {str(error).strip()})".replace("\n", " "),
+                             path, "give each row one value per column, separated by blanks") from None
+    # a row short of values leaves its last fields empty ("" or NaN); such a last column is checked row by row
+    last = table.iloc[:, -1]
+    short = table.shape[1] != len(columns) or bool(last.isna().any())
+    if not short and pd.api.types.is_string_dtype(last):
+        short = bool((last == "").any())
+    if short:
+        _check_loop_rows(text, start, end, name, len(columns), path)
         if table.shape[1] != len(columns):
-            return None
-        table.columns = columns
-        for name in columns:
-            if name in parse_as_string:
-                continue
+            raise InputFileError(f"the rows of data_{name} hold {table.shape[1]} values but its loop has {len(columns)} columns",
+                                 path, "give each row one value per column")
+    table.columns = columns
+    for column in columns:
+        if column not in text_columns and not pd.api.types.is_numeric_dtype(table[column]):
             try:
-                table[name] = pd.to_numeric(table[name])
+                table[column] = pd.to_numeric(table[column])
             except (ValueError, TypeError):
                 pass
-        blocks[match.group(1)] = table
-    return blocks
+    return table
+
+
+# --------------------------------------------------------------------------- header scan
+
+
+@dataclass(frozen=True)
+class StarHeader:
+    """What the header of a STAR file says about its particles, read without parsing data rows.
+
+    Attributes:
+        blocks: names of the ``data_`` blocks seen before the scan stopped, in file order.
+        particles_block: the first block whose ``loop_`` has ``rlnImageName``, or ``None``.
+        columns: that block's column names, without the leading underscore
+            (``[]`` when there is no such block).
+        has_rows: whether that block has at least one data row.
+    """
+
+    blocks: list[str]
+    particles_block: str | None
+    columns: list[str]
+    has_rows: bool
+
+
+#: lines of other blocks (an optics table, key-value pairs) read before :func:`scan_star_header` gives up
+MAX_SKIPPED_LINES = 100_000
+
+
+def scan_star_header(path: str | Path, max_skipped_lines: int = MAX_SKIPPED_LINES) -> StarHeader:
+    """Find the particle block of a STAR file from its header, reading up to its first row only.
+
+    The particle block is the first ``loop_`` whose columns include
+    ``rlnImageName``; the scan stops at its first data row, so this costs the
+    same for a file of ten particles as for one of millions. Lines follow the
+    rules of :func:`read_star` (blank and ``#`` lines skipped, the first word
+    of a ``_`` line names a column). Bytes that are not UTF-8 are replaced
+    (:func:`read_star` reports them).
+
+    Args:
+        path: the STAR file.
+        max_skipped_lines: give up (no particle block) after this many lines
+            of other blocks, e.g. the rows of a large table without ``rlnImageName``.
+    Returns:
+        A :class:`StarHeader`.
+    Raises:
+        OSError: the file cannot be read.
+    """
+    blocks: list[str] = []
+    columns: list[str] = []
+    in_header = False  # between a loop_ and its first row
+    skipped = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            stripped = line.strip()
+            what = _line_kind(stripped)
+            if what == "skip":
+                continue
+            if what == "data":
+                if IMAGE_NAME in columns:  # a particle loop without rows
+                    break
+                words = stripped[len("data_"):].split()
+                blocks.append(words[0] if words else "")
+                columns, in_header = [], False
+            elif what == "loop":
+                columns, in_header = [], True
+            elif what == "tag" and in_header:
+                columns.append(stripped.split()[0][1:])
+            elif in_header and columns:  # the first row of a loop
+                if IMAGE_NAME in columns:
+                    return StarHeader(blocks, blocks[-1] if blocks else None, columns, has_rows=True)
+                in_header = False
+                columns = []
+            else:
+                skipped += 1
+                if skipped > max_skipped_lines:
+                    break
+    if IMAGE_NAME in columns:
+        return StarHeader(blocks, blocks[-1] if blocks else None, columns, has_rows=False)
+    return StarHeader(blocks, None, [], has_rows=False)
 
 
 def _format_column(values: pd.Series) -> list[str]:

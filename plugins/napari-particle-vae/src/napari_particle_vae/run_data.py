@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from particle_vae.errors import InputFileError, ParticleVAEError
+from particle_vae.io.star import scan_star_header
 
 #: latent mean columns written by ``particle-vae infer``
 LATENT_RE = re.compile(r"^pvaeZ(\d+)$")
@@ -35,8 +36,6 @@ LATENT_RE = re.compile(r"^pvaeZ(\d+)$")
 CLUSTER_COLUMN = "rlnClassNumber"
 #: STAR files looked for, in this order, when a folder is opened
 PREFERRED_STARS = ("analysis/clustered_particles.star", "clustered_particles.star", "particles_vae.star")
-#: data lines of other blocks read before deciding a STAR holds no particle block (optics blocks are a few lines)
-MAX_SKIPPED_LINES = 100_000
 #: integer columns with at most this many distinct values are treated as categories when colouring
 MAX_CATEGORIES = 30
 
@@ -45,71 +44,15 @@ FIX_NO_LATENTS = ("open the STAR written by 'particle-vae infer RUN --out FILE.s
                   "(or analyze's clustered_particles.star), or the run directory")
 
 
-@dataclass(frozen=True)
-class StarHeader:
-    """What the header of a STAR file says, read without parsing its data rows.
-
-    Attributes:
-        columns: column names of the particle block (the first ``loop_`` with
-            ``rlnImageName``), without the leading underscore; ``[]`` when no
-            block has ``rlnImageName``.
-        has_rows: whether the particle block has at least one data row.
-        blocks: number of ``data_`` blocks seen before the scan stopped.
-    """
-
-    columns: list[str]
-    has_rows: bool
-    blocks: int
-
-
-def scan_star(path: str | Path) -> StarHeader:
-    """Read the header of a STAR file up to the first row of its particle block.
-
-    The particle block is the first ``loop_`` whose columns include
-    ``rlnImageName``; the scan stops at its first data row, so this is cheap
-    for files with millions of particles. Bytes that are not UTF-8 are
-    replaced (the full reader reports them).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    columns: list[str] = []
-    in_loop = False
-    skipped = 0
-    blocks = 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            text = line.strip()
-            if text.startswith("data_"):
-                if "rlnImageName" in columns:
-                    return StarHeader(columns, has_rows=False, blocks=blocks)
-                blocks += 1
-                columns, in_loop = [], False
-            elif text == "loop_":
-                columns, in_loop = [], True
-            elif in_loop and text.startswith("_"):
-                columns.append(text[1:].split()[0])
-            elif in_loop and text and not text.startswith("#") and columns:
-                if "rlnImageName" in columns:
-                    return StarHeader(columns, has_rows=True, blocks=blocks)
-                in_loop = False
-            elif text and not in_loop:
-                skipped += 1
-                if skipped > MAX_SKIPPED_LINES:  # rows of a large block without rlnImageName: not a particle STAR
-                    return StarHeader([], has_rows=False, blocks=blocks)
-    if "rlnImageName" in columns:
-        return StarHeader(columns, has_rows=False, blocks=blocks)
-    return StarHeader([], has_rows=False, blocks=blocks)
-
-
 def star_columns(path: str | Path) -> list[str]:
-    """Column names of the particle block of a STAR file, read from its header only (see :func:`scan_star`).
+    """Column names of the particle block of a STAR file, read from its header only
+    (:func:`particle_vae.io.star.scan_star_header`).
 
     Returns:
         Column names without the leading underscore (``[]`` when no block has
         ``rlnImageName``).
     """
-    return scan_star(path).columns
+    return scan_star_header(path).columns
 
 
 def check_particle_star(path: Path) -> list[str]:
@@ -124,11 +67,11 @@ def check_particle_star(path: Path) -> list[str]:
         InputFileError: naming ``path`` and the fix.
     """
     try:
-        header = scan_star(path)
+        header = scan_star_header(path)
     except OSError as error:
         raise InputFileError(f"cannot be read ({error.strerror or error})", path, "check the file's permissions") from None
     if not header.columns:
-        if header.blocks == 0 and not _has_text(path):
+        if not header.blocks and not _has_text(path):
             raise InputFileError("is empty (no STAR data blocks)", path, FIX_NO_LATENTS)
         _raise_unreadable_star(path)
         raise InputFileError("is not a particle STAR file: no loop has an rlnImageName column (a class-average, model or "
