@@ -13,9 +13,19 @@ from particle_vae.models import MODELS, build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL = ["--fields", "4", "--kernel", "9", "--padding", "2", "--group", "4", "--gen-hidden", "16", "--gen-layers", "1",
-         "--fourier-features", "8", "--enc-hidden", "16", "--enc-channels", "4", "--clusters", "2", "--cluster-dim", "2",
-         "--batch-size", "8", "--normalize", "minmax", "--likelihood", "bernoulli", "--seed", "1"]
+COMMON = ["--batch-size", "8", "--normalize", "minmax", "--likelihood", "bernoulli", "--seed", "1"]
+#: each model's own options for a small, fast network (a model's options are its own: another's are refused)
+SMALL = {
+    "target-vae": ["--fields", "4", "--kernel", "9", "--padding", "2", "--group", "4", "--gen-hidden", "16", "--gen-layers", "1",
+                   "--fourier-features", "8"],
+    "spatial-vae": ["--enc-hidden", "16", "--enc-channels", "4", "--gen-hidden", "16", "--gen-layers", "1",
+                    "--fourier-features", "8"],
+    "mce-vae": ["--enc-hidden", "16", "--enc-channels", "4", "--clusters", "2", "--cluster-dim", "2", "--dec-hidden", "16",
+                "--dec-layers", "1", "--invariance-rotations", "4"],
+    "vae": ["--hidden", "16", "--layers", "1"],
+    "beta-vae": ["--hidden", "16", "--layers", "1", "--beta", "2"],
+    "equivae": ["--hidden", "16", "--layers", "1", "--embed-dim", "2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +43,24 @@ def labelled_star(tmp_path_factory):
     return star.write(folder / "p.star")
 
 
+def test_every_registered_model_has_small_options_here():
+    assert set(SMALL) == set(MODELS)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_trains_resumes_and_infers(name, labelled_star, tmp_path):
     run, out = tmp_path / "run", tmp_path / "out.star"
-    extra = ["--label-column", "rlnClassNumber"] if "n_classes" in MODELS[name].config_class.__dataclass_fields__ else []
-    assert cli.main(["-q", "train", str(labelled_star), "--model", name, *SMALL, *extra, "--epochs", "1", "--out", str(run)]) == 0
+    extra = ["--label-column", "rlnClassNumber"] if MODELS[name].supports_labels else []
+    assert cli.main(["-q", "train", str(labelled_star), "--model", name, *SMALL[name], *COMMON, *extra, "--epochs", "1",
+                     "--out", str(run)]) == 0
+    settings = RunDirectory(run).read_config()["model"]
+    fields = {option.flag: option.field for option in MODELS[name].options}
+    for flag, value in zip(SMALL[name][::2], SMALL[name][1::2]):  # every option reached the model's config
+        assert settings[fields[flag]] == type(settings[fields[flag]])(value), flag
+    assert settings["model"] == name and settings["likelihood"] == "bernoulli"
+    if MODELS[name].supports_labels:  # the trainer passes the labels to such a model's loss
+        assert settings["n_classes"] == 2  # the label values 3 and 5
+        assert RunDirectory(run).read_metrics()[0]["train_labelled_fraction"] > 0
     assert cli.main(["-q", "train", "--out", str(run), "--resume", "--epochs", "2"]) == 0
     assert [row["epoch"] for row in RunDirectory(run).read_metrics()] == [0, 1]
     assert cli.main(["-q", "infer", str(run), "--out", str(out)]) == 0

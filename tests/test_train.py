@@ -228,9 +228,12 @@ def test_written_poses_align_the_model_s_own_drawings(simulated, tmp_path):
 
 def test_vae_baseline_through_the_cli_writes_latents_but_no_pose(simulated, tmp_path):
     run, out = tmp_path / "run", tmp_path / "vae.star"
-    assert train([str(simulated), "--model", "vae", *TINY, "--beta", "4", "--epochs", "1", "--out", str(run)]) == 0
+    vae_options = ["--preset", "tiny", "--hidden", "32", "--layers", "1", "--downsample-to", "24", "--batch-size", "16",
+                   "--seed", "3", "--beta", "4"]
+    assert train([str(simulated), "--model", "vae", *vae_options, "--epochs", "1", "--out", str(run)]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["model"] == "vae" and config["model"]["beta"] == 4.0 and config["model"]["hidden"] == 32
+    assert config["model"]["layers"] == 1 and config["model"]["likelihood"] == "gaussian"  # the preset's likelihood
     assert cli.main(["-q", "infer", str(run), "--out", str(out)]) == 0
     columns = ParticleStar(out).particles.columns
     assert "pvaeZ1" in columns and "rlnAnglePsi" not in columns

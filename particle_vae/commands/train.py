@@ -10,6 +10,10 @@ resume, best.pt at the best validation ELBO). Examples:
   particle-vae train particles.star --preset particles --gpus 4 --batch-size 256 --out run3
   torchrun --nnodes 2 --nproc-per-node 8 ... -m particle_vae train particles.star ... --out run4
 
+Each model has its own options: `train --model NAME --help` lists NAME's
+(the default model's without --model); an option the chosen model does not
+have is an error.
+
 Several GPUs: --gpus N starts N processes on this node with torchrun
 (DistributedDataParallel, --batch-size is the global batch); several nodes:
 start torchrun yourself on every node (docs/scale.md).
@@ -20,34 +24,25 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 from particle_vae.engine.device import cpu_has_fast_bf16, resolve_device
-from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR, PRESETS, resolve_kernel
+from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR, PRESETS
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
 
 log = logging.getLogger("particle_vae")
 
 BENCHMARKS = ("mnist-n", "mnist-u", "so2", "se2")
+#: the model ``--model`` picks when not given
+DEFAULT_MODEL = "target-vae"
 
-# option name -> TargetVAEConfig field
-MODEL_OPTIONS = {
-    "group": "group_order", "zdim": "zdim", "fields": "n_fields", "kernel": "kernel", "padding": "padding",
-    "encoder": "encoder", "rotation": "rotation", "translation_prior_std": "translation_prior_std",
-    "theta_prior": "theta_prior", "likelihood": "likelihood", "sigma": "gaussian_sigma", "gen_hidden": "gen_hidden",
-    "gen_layers": "gen_layers", "fourier_features": "n_fourier", "fourier_bandwidth": "fourier_bandwidth",
-    "leaky_relu_slope": "leaky_relu_slope",
-    "gumbel_temperature": "gumbel_temperature", "mixing": "mixing", "likelihood_mask": "mask_radius", "beta": "beta",
-    "enc_hidden": "enc_hidden", "enc_layers": "enc_layers", "enc_channels": "enc_channels",
-    "clusters": "n_clusters", "cluster_dim": "cluster_dim", "lie_group": "group", "invariance_weight": "invariance_weight",
-    "invariance_translation": "invariance_translation",
-}
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "val_fraction", "lr_patience", "early_stop_patience", "seed",
-                 "num_workers", "device", "max_steps", "compile")
+                 "num_workers", "device", "max_steps", "compile", "grad_clip_factor")
 
 #: option dest -> (test of a given value, what the value must be); checked before anything is read or written
 OPTION_LIMITS = {
@@ -60,6 +55,7 @@ OPTION_LIMITS = {
     "seed": (lambda v: v >= 0, "a whole number of at least 0"),
     "num_workers": (lambda v: v >= 0, "a whole number of at least 0 (0: read in the main process)"),
     "max_steps": (lambda v: v >= 1, "a whole number of at least 1"),
+    "grad_clip_factor": (lambda v: math.isfinite(v) and v >= 0, "a number of at least 0 (0: never clip), e.g. 20"),
     "n": (lambda v: v >= 1, "a whole number of at least 1"),
     "labels": (lambda v: v >= 0, "a whole number of at least 0"),
     "downsample_to": (lambda v: v >= 1, "a box size of at least 1 pixel"),
@@ -114,107 +110,38 @@ def _train_default(name: str) -> str:
     return _preset_default("train", name, base)
 
 
-def _model_default(name: str, base_text: str | None = None) -> str:
-    """The ``(default: ...)`` text of a model setting: each model's own default (from its
-    config class; ``CLI_ALIASES`` map a model's field to the common name) and the presets."""
-    from dataclasses import MISSING
-
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The train command's options; those of the model ``--model`` names are added when the
+    command line is parsed (:class:`_ModelFirstParser`)."""
     from particle_vae.models import MODELS
 
-    by_value: dict[str, list[str]] = {}
-    for model_name, entry in MODELS.items():
-        config_class = entry.config_class
-        own_name = {common: own for own, common in getattr(config_class, "CLI_ALIASES", {}).items()}.get(name, name)
-        for config_field in fields(config_class):
-            if config_field.name == own_name and config_field.default is not MISSING:
-                by_value.setdefault(_shown(config_field.default), []).append(model_name)
-    if base_text is None:
-        if len(by_value) == 1 and len(next(iter(by_value.values()))) == len(MODELS):
-            base_text = next(iter(by_value))
-        else:
-            base_text = "; ".join(f"{value} for {', '.join(models)}" for value, models in by_value.items())
-    text = _preset_default("model", name, None)
-    return text.replace("(default: none", f"(default: {base_text}", 1)
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.__class__ = _ModelFirstParser.over(type(parser))
     parser.add_argument("input", nargs="?", type=Path,
                         help="particle .star, cryoSPARC particle .cs, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
     parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles (default: none)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named settings, logged at the start; the options below override them (default: none, "
+                        help="named settings, logged at the start; options override them (default: none, "
                              "the models' own defaults)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
+                        help="which model to train; its options are listed below (--model NAME --help lists NAME's)")
+    parser.model_group = parser.add_argument_group("model")
+    parser.model_options_of = None
 
-    from particle_vae.models import MODELS
-
-    model = parser.add_argument_group("model (an option overrides the preset, the preset the model's default; options a "
-                                      "model does not have are ignored)")
-    model.add_argument("--model", default="target-vae", choices=sorted(MODELS), help="which model to train")
-    model.add_argument("--beta", type=float, help=f"KL weight of the (beta-)VAE baseline {_model_default('beta')}")
-    model.add_argument("--group", type=int,
-                       help=f"rotation group order r of P_r (4, 8, 16); MCE-VAE: rotations of the invariance term "
-                            f"{_model_default('group_order')}")
-    model.add_argument("--zdim", type=int, help=f"semantic latent dimensions {_model_default('zdim')}")
-    model.add_argument("--fields", type=int, help=f"encoder hidden fields {_model_default('n_fields')}")
-    model.add_argument("--kernel", type=int,
-                       help=f"encoder kernel, pixels; none: about half the box, odd {_model_default('kernel')}")
-    model.add_argument("--padding", type=int, help=f"encoder padding, pixels {_model_default('padding')}")
-    model.add_argument("--mixing", choices=["full", "shared"],
-                       help="TARGET-VAE encoder 1x1 layers: shared across rotation channels (the authors') or full e2cnn "
-                            f"regular-to-regular kernels (8x the cost at P8) {_model_default('mixing')}")
-    model.add_argument("--encoder", choices=["group", "plain", "mlp", "conv"],
-                       help="TARGET-VAE: group or plain (ablation: translation-only, ordinary convolutions); spatial-VAE: mlp "
-                            f"or conv {_model_default('encoder')}")
-    model.add_argument("--enc-hidden", type=int, help=f"spatial-VAE / MCE-VAE: inference MLP width {_model_default('enc_hidden')}")
-    model.add_argument("--enc-layers", type=int, help=f"spatial-VAE / MCE-VAE: inference layers {_model_default('enc_layers')}")
-    model.add_argument("--enc-channels", type=int,
-                       help=f"spatial-VAE / MCE-VAE: first conv layer channels {_model_default('enc_channels')}")
-    model.add_argument("--clusters", type=int, help=f"MCE-VAE: mixture components of the cluster latent {_model_default('n_clusters')}")
-    model.add_argument("--cluster-dim", type=int,
-                       help=f"MCE-VAE: cluster latent dimensions; EquiVAE: class embedding size {_model_default('cluster_dim')}")
-    model.add_argument("--lie-group", choices=["so2", "se2"], help=f"MCE-VAE: transformation group {_model_default('group')}")
-    model.add_argument("--invariance-weight", type=float,
-                       help=f"MCE-VAE: weight of the invariance term {_model_default('invariance_weight')}")
-    model.add_argument("--invariance-translation", type=float,
-                       help=f"MCE-VAE: largest shift of the sampled group elements, pixels {_model_default('invariance_translation')}")
-    model.add_argument("--rotation", choices=["full", "discrete", "none"],
-                       help=f"TARGET-VAE ablation: discrete = no theta offsets; none = no rotation inference {_model_default('rotation')}")
-    model.add_argument("--no-subpixel", dest="subpixel", action="store_false", default=None,
-                       help="TARGET-VAE: no continuous translation offset inside a cell")
-    model.add_argument("--translation-prior-std", type=float,
-                       help=f"std of p(t) around the centre, pixels {_model_default('translation_prior_std')}")
-    model.add_argument("--theta-prior", choices=["uniform", "normal"],
-                       help=f"prior of the in-plane rotation {_model_default('theta_prior')}; benchmarks: normal for mnist-n, "
-                            "uniform otherwise")
-    model.add_argument("--theta-prior-std-deg", type=float, help="std of the normal theta prior, degrees (default: 45)")
-    model.add_argument("--likelihood", choices=["bernoulli", "gaussian"],
-                       help=f"pixel likelihood {_model_default('likelihood')}; benchmarks: bernoulli")
-    model.add_argument("--sigma", type=float,
-                       help=f"fixed noise std of the Gaussian likelihood, data units {_model_default('gaussian_sigma', 'learned')}")
-    model.add_argument("--gen-hidden", type=int, help=f"generator width {_model_default('gen_hidden')}")
-    model.add_argument("--gen-layers", type=int, help=f"generator hidden layers {_model_default('gen_layers')}")
-    model.add_argument("--fourier-features", type=int, help=f"random Fourier frequencies of the generator {_model_default('n_fourier')}")
-    model.add_argument("--fourier-bandwidth", type=float,
-                       help=f"std of the Fourier frequencies, cycles per pixel {_model_default('fourier_bandwidth')}")
-    model.add_argument("--leaky-relu-slope", type=float,
-                       help=f"TARGET-VAE: negative slope of the LeakyReLUs of encoder and generator {_model_default('leaky_relu_slope')}; "
-                            "the authors' code uses 0.01")
-    model.add_argument("--gumbel-temperature", type=float,
-                       help=f"TARGET-VAE: temperature of the Gumbel-softmax sample of the pose cell {_model_default('gumbel_temperature')}")
-    model.add_argument("--likelihood-mask", type=float,
-                       help=f"only score pixels within this radius, pixels of the model box {_model_default('mask_radius', 'all pixels')}")
-    model.add_argument("--ctf", action="store_true", help="CTF-aware likelihood using the STAR's CTF columns (Gaussian likelihood)")
-
+    labelled = ", ".join(name for name, cls in sorted(MODELS.items()) if cls.supports_labels) or "none"
     data = parser.add_argument_group("data")
     add_input_options(data)
     data.add_argument("--n", type=int, help="benchmarks: use the first N training images (default: all)")
     data.add_argument("--label-column",
-                      help="semi-supervised models (equivae): STAR column with class labels, e.g. rlnClassNumber (default: "
-                           "none, unlabelled)")
-    data.add_argument("--labels", type=int, help="benchmarks, semi-supervised models: label the first N training images (default: none)")
+                      help=f"models trained with labels ({labelled}): STAR column with class labels, e.g. rlnClassNumber "
+                           "(default: none, unlabelled)")
+    data.add_argument("--labels", type=int,
+                      help=f"benchmarks, models trained with labels ({labelled}): label the first N training images "
+                           "(default: none)")
+    data.add_argument("--ctf", action="store_true",
+                      help="CTF-aware likelihood using the STAR's CTF columns (Gaussian likelihood)")
     data.add_argument("--mnist-dir", type=Path, help="benchmarks: folder with the MNIST IDX files (default: DATA/mnist)")
     data.add_argument("--data-dir", type=Path,
                       help="reference-data folder DATA (holds mnist/; not the particle stacks, see --stack-dir) "
@@ -245,6 +172,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--no-bf16", dest="bf16", action="store_false", default=True, help="same as --precision fp32")
     train.add_argument("--max-steps", type=int,
                        help="stop after this many optimiser steps (also inside an epoch; --resume continues) (default: no limit)")
+    train.add_argument("--grad-clip-factor", type=float, metavar="F",
+                       help="clip a step's gradient norm at F times the median of the previous 50 steps (docs/training.md) "
+                            f"{_train_default('grad_clip_factor')}")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training step (for CUDA; on the CPU it needs a C++ compiler and minutes to compile); "
                             "if compilation fails, training continues without it")
@@ -252,6 +182,76 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     from particle_vae.cli import add_launch_options
 
     add_launch_options(parser, "data-parallel training")
+    use_model_options(parser, DEFAULT_MODEL)
+
+
+def use_model_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """Make ``parser`` (the train command's) offer the options of model ``name`` in its model group,
+    in place of another model's; their help shows the model's defaults and what each preset sets."""
+    from particle_vae.models import MODELS
+
+    if parser.model_options_of == name:
+        return
+    group = parser.model_group
+    for action in list(group._group_actions):  # the previous model's options (argparse has no public way to remove them)
+        group._remove_action(action)
+        for flag in action.option_strings:
+            parser._option_string_actions.pop(flag, None)
+    cls = MODELS[name]
+    group.title = f"model {name} (options of this model; each overrides the preset, the preset the model's default)"
+    cls.add_options(group, {preset: values.get("model", {}) for preset, values in PRESETS.items()})
+    parser.model_options_of = name
+
+
+def _model_in(argv: list[str]) -> str:
+    """The model ``argv`` (the train command's words) names with ``--model``, as argparse will read it."""
+    early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    early.add_argument("--model", default=DEFAULT_MODEL)
+    try:
+        return early.parse_known_args(argv)[0].model
+    except argparse.ArgumentError:  # e.g. --model without a value: the full parser says so
+        return DEFAULT_MODEL
+
+
+class _ModelFirstParser(argparse.ArgumentParser):
+    """The train command's parser: it reads ``--model`` first, then parses the command line with
+    that model's options (:func:`use_model_options`), and refuses in one line an option that the
+    model does not have."""
+
+    @classmethod
+    def over(cls, base: type) -> type:
+        """This parser's behaviour on top of the parser class ``base``."""
+        if issubclass(base, cls):
+            return base
+        return cls if base is argparse.ArgumentParser else type(f"ModelFirst{base.__name__}", (cls, base), {})
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Parse ``args`` with the options of the model they name (see the class)."""
+        from particle_vae.models import MODELS
+
+        argv = list(sys.argv[1:] if args is None else args)
+        name = _model_in(argv)
+        if name not in MODELS:
+            self._refuse(f"--model {name}: no such model (models: {', '.join(sorted(MODELS))})")
+        use_model_options(self, name)
+        words = argv[:argv.index("--")] if "--" in argv else argv
+        flags = [word.partition("=")[0] for word in words if word.startswith("--")]
+        own = {flag for option in MODELS[name].options for flag in (option.flag, *option.old_flags)}
+        for flag in flags:
+            owners = [other for other, cls in sorted(MODELS.items()) if flag in cls.option_flags()]
+            if flag not in own and owners:
+                self._refuse(f"{flag} is not an option of model {name} (its options: {', '.join(MODELS[name].option_flags())}; "
+                             f"{flag} is an option of {', '.join(owners)})")
+        known, extras = super().parse_known_args(argv, namespace)
+        unknown = [word for word in extras if word.startswith("--") and word.partition("=")[0] in flags]
+        if unknown:
+            self._refuse(f"{unknown[0].partition('=')[0]} is not an option of {self.prog} or of model {name} "
+                         f"(its options: {', '.join(MODELS[name].option_flags())}; see --help)")
+        return known, extras
+
+    def _refuse(self, message: str) -> None:
+        """Exit with status 2 after ``message`` on one line (no usage block)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _data_spec(args, preset: dict) -> dict:
@@ -305,46 +305,52 @@ def _fit_box(spec: dict):
 
 
 def _model_settings(args, preset: dict, box: int, class_values: list | None = None) -> dict:
-    """The chosen model's config fields from preset, benchmark defaults and options.
+    """The chosen model's config fields: its defaults, overridden by the preset's settings of the
+    same names, the benchmark's defaults, its options given in ``args``, and the data (box, labels).
 
-    A model config class may define ``CLI_ALIASES`` (field -> common field name,
-    e.g. the VAE's ``hidden`` takes ``gen_hidden``)."""
+    The training ``--seed`` also seeds a model with a ``seed`` field."""
     from particle_vae.models import MODELS
 
-    config_class = MODELS[args.model].config_class
-    settings = {k: v for k, v in preset.get("model", {}).items()}
+    cls = MODELS[args.model]
+    known = {item.name for item in fields(cls.config_class)}
+    preset_model = preset.get("model", {})
+    settings = {name: value for name, value in preset_model.items() if name in known}
+    for name, preset_name in cls.preset_fields.items():
+        if name in known and name not in settings and preset_name in preset_model:
+            settings[name] = preset_model[preset_name]
     if args.dataset:
         prior, std = BENCHMARK_THETA_PRIOR[args.dataset]
-        settings["theta_prior"] = prior
-        if std is not None:
-            settings["theta_prior_std"] = std
+        benchmark = {"theta_prior": prior} if std is None else {"theta_prior": prior, "theta_prior_std": std}
+        settings.update({name: value for name, value in benchmark.items() if name in known})
         settings.setdefault("likelihood", "bernoulli")
-    for option, name in MODEL_OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            settings[name] = value
-    if args.subpixel is not None:
-        settings["subpixel"] = args.subpixel
-    if args.theta_prior_std_deg is not None:
-        settings["theta_prior_std"] = math.radians(args.theta_prior_std_deg)
-    if settings.get("encoder") == "plain":
-        settings.setdefault("rotation", "none")
-    settings["kernel"] = resolve_kernel(settings.get("kernel"), box)
-    settings["box"] = box
-    if class_values is not None:
+    settings.update(cls.settings_from_args(args))
+    if "seed" in known:
+        settings["seed"] = args.seed if args.seed is not None else 0
+    if class_values is not None and cls.supports_labels:
         settings["n_classes"] = len(class_values)
-    settings["seed"] = args.seed if args.seed is not None else 0
-    for field_name, common in getattr(config_class, "CLI_ALIASES", {}).items():
-        if common in settings:
-            settings[field_name] = settings[common]
-    known = {f.name for f in fields(config_class)}
-    return {k: v for k, v in settings.items() if k in known}
+    return cls.complete_settings(settings, box)
+
+
+def _check_model_use(args: argparse.Namespace) -> None:
+    """One-line errors for data options the chosen model cannot use; warnings for old option spellings."""
+    from particle_vae.models import MODELS
+
+    for old, new in getattr(args, "old_model_flags", None) or []:
+        log.warning("%s is the old name of model %s's %s; use %s", old, args.model, new, new)
+    if args.resume or MODELS[args.model].supports_labels:
+        return
+    given = [option for option, value in (("--label-column", args.label_column), ("--labels", args.labels)) if value is not None]
+    if given:
+        labelled = [name for name, cls in sorted(MODELS.items()) if cls.supports_labels]
+        raise ParticleVAEError(f"{given[0]}: model {args.model} does not train with class labels (models that do: "
+                               f"{', '.join(labelled) or 'none'})")
 
 
 def main(args: argparse.Namespace) -> int:
     from particle_vae.engine import distributed as ddp
 
     check_options(args)
+    _check_model_use(args)
     if ddp.wants_launch(args):
         return _launch(args)
     context = ddp.init_distributed(args.device or "auto")
@@ -417,6 +423,13 @@ def _train(args, run: RunDirectory, preset: dict, config: dict, source=None, con
     context = context or ddp.SINGLE
     if args.preset and not args.resume:
         log.info("preset %s sets: %s", args.preset, {k: v for k, v in preset.items() if v})
+        from particle_vae.models import MODELS
+
+        fields_of_model = {item.name for item in fields(MODELS[args.model].config_class)}
+        taken = fields_of_model | set(MODELS[args.model].preset_fields.values())
+        left_out = [name for name in preset.get("model", {}) if name not in taken]
+        if left_out:
+            log.info("preset %s: model %s has no setting %s (left out)", args.preset, args.model, ", ".join(left_out))
     settings = TrainSettings(**config["train"])
     prepared = prepare_data(config["data"], source=source, num_workers=settings.num_workers, context=context)
     for line in prepared.steps:

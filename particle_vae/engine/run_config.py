@@ -29,9 +29,9 @@ Versions:
   fields of :data:`V0_PINNED`, for which the default has changed since: those get
   the value the run was trained with).
 * 1 -- the same content plus ``schema_version``; every field written.
-* 2 -- the training setting ``grad_clip_factor`` (gradient-spike clipping,
-  on by default since); runs of versions 0 and 1 were trained without it, so
-  the migration writes 0 (never clip), which a resumed run then keeps.
+* 2 -- the training setting ``grad_clip_factor`` (gradient-spike clipping);
+  runs of versions 0 and 1 were trained without it, so the migration writes 0
+  (never clip), which a resumed run then keeps whatever the default becomes.
 
 The rule for missing fields: in a file of the current version, every field of
 the model's config class and of ``TrainSettings`` must be present. A missing

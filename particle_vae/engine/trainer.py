@@ -78,10 +78,11 @@ class TrainSettings:
             warning says why).
         grad_clip_factor: clip the gradient norm of a step at this many times the
             median norm of the previous :data:`GRAD_NORM_WINDOW` steps (the first
-            :data:`GRAD_CLIP_WARMUP` steps are never clipped; 0: never clip). Rare
-            steps whose gradient is a hundred times the usual one (a KL term that
-            jumps) otherwise move Adam's weights far off, since its second-moment
-            estimate lags; see :class:`GradientSpikeClipper`.
+            :data:`GRAD_CLIP_WARMUP` steps are never clipped; 0, the default: never
+            clip). Rare steps whose gradient is a hundred times the usual one (a KL
+            term that jumps) move Adam's weights far, since its second-moment
+            estimate lags; see :class:`GradientSpikeClipper` and docs/training.md for
+            what clipping did and did not change.
         batch_size is the *global* batch: with ``W`` data-parallel processes each
         computes ``batch_size / W`` images per step.
     """
@@ -102,7 +103,7 @@ class TrainSettings:
     channels_last: bool = True
     max_steps: int | None = None
     compile: bool = False
-    grad_clip_factor: float = 20.0
+    grad_clip_factor: float = 0.0
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,19 +1,32 @@
-"""Model zoo: one file per model, all behind :class:`particle_vae.models.base.PoseVAE`."""
+"""Model zoo: one file per model, all behind :class:`particle_vae.models.base.PoseVAE`.
+
+A model's file holds its class: its config dataclass (extending
+:class:`~particle_vae.models.base.ModelConfig`), its command-line options
+(:attr:`PoseVAE.options`) and whether it trains with labels
+(:attr:`PoseVAE.supports_labels`). Adding one is that file plus its line in
+:data:`MODELS`; ``train``, ``infer``, run directories and analysis need no change.
+"""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
 
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.base import LossTerms, ModelConfig, ModelOption, PoseVAE, Readout
 from particle_vae.models.equivae import EquiVAE, EquiVAEConfig
 from particle_vae.models.mce_vae import MCEVAE, MCEVAEConfig
 from particle_vae.models.spatial_vae import SpatialVAE, SpatialVAEConfig
 from particle_vae.models.target_vae import TargetVAE, TargetVAEConfig
 from particle_vae.models.vae import VAE, BetaVAE, BetaVAEConfig, VAEConfig
 
-#: model name -> class
-MODELS: dict[str, type[PoseVAE]] = {TargetVAE.name: TargetVAE, VAE.name: VAE, BetaVAE.name: BetaVAE, SpatialVAE.name: SpatialVAE,
-                                 MCEVAE.name: MCEVAE, EquiVAE.name: EquiVAE}
+#: model name (``train --model NAME``, the ``"model"`` of a run's config.json) -> class; one line per model
+MODELS: dict[str, type[PoseVAE]] = {
+    "target-vae": TargetVAE,
+    "vae": VAE,
+    "beta-vae": BetaVAE,
+    "spatial-vae": SpatialVAE,
+    "mce-vae": MCEVAE,
+    "equivae": EquiVAE,
+}
 
 
 def build_model(config: dict) -> PoseVAE:
@@ -43,5 +56,5 @@ def build_model(config: dict) -> PoseVAE:
     return cls(cls.config_class(**settings))
 
 
-__all__ = ["MODELS", "build_model", "PoseVAE", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig", "BetaVAE", "BetaVAEConfig",
+__all__ = ["MODELS", "build_model", "PoseVAE", "ModelConfig", "ModelOption", "LossTerms", "Readout", "TargetVAE", "TargetVAEConfig", "VAE", "VAEConfig", "BetaVAE", "BetaVAEConfig",
            "SpatialVAE", "SpatialVAEConfig", "MCEVAE", "MCEVAEConfig", "EquiVAE", "EquiVAEConfig"]

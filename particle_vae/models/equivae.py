@@ -51,19 +51,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.base import LossTerms, ModelConfig, ModelOption, PoseVAE, Readout
 from particle_vae.nn.mlp import mlp
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
 
 
 @dataclass
-class EquiVAEConfig:
+class EquiVAEConfig(ModelConfig):
     """Settings that rebuild an EquiVAE.
 
     Attributes:
@@ -82,25 +81,19 @@ class EquiVAEConfig:
         seed: seed of the initial class-mean bank.
     """
 
-    CLI_ALIASES: ClassVar[dict[str, str]] = {"hidden": "gen_hidden", "layers": "gen_layers", "embed_dim": "cluster_dim"}
-
-    box: int
     n_classes: int = 10
     embed_dim: int = 16
-    zdim: int = 2
     hidden: int = 512
     layers: int = 2
     m_max: int = 5
     alpha: float = 10.0
     bank_momentum: float = 0.9
     bank_from_unlabelled: bool = False
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float | None = None
     seed: int = 0
 
     def validate(self) -> None:
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
+        """Raise ``ValueError`` with a readable message for impossible settings."""
+        super().validate()
         if self.box < 1:
             raise ValueError("box must be positive")
         if self.n_classes < 2:
@@ -117,8 +110,6 @@ class EquiVAEConfig:
             raise ValueError("alpha must be non-negative")
         if not 0 <= self.bank_momentum < 1:
             raise ValueError("bank_momentum must be in [0, 1)")
-        if self.gaussian_sigma is not None and not self.gaussian_sigma > 0:
-            raise ValueError("gaussian_sigma must be positive")
 
 
 def gaussian_kl(mu: torch.Tensor, logstd: torch.Tensor) -> torch.Tensor:
@@ -172,8 +163,19 @@ class EquiVAE(PoseVAE):
     """EquiVAE on ``(B, 1, N, N)`` images with optional class labels."""
 
     name = "equivae"
+    preset_fields = {"hidden": "gen_hidden", "layers": "gen_layers"}
     config_class = EquiVAEConfig
     has_pose = False
+    supports_labels = True
+    options = (
+        ModelOption("--zdim", "zdim", "dimensions of the equivariant latent v (the readout latent is [r, v])", type=int),
+        *PoseVAE.options[1:],
+        ModelOption("--embed-dim", "embed_dim", "size of the invariant class embedding", type=int,
+                    old_flags=("--cluster-dim",)),
+        ModelOption("--hidden", "hidden", "width of the embedding, encoder and decoder MLPs", type=int,
+                    old_flags=("--gen-hidden",)),
+        ModelOption("--layers", "layers", "hidden layers of each MLP", type=int, old_flags=("--gen-layers",)),
+    )
 
     def __init__(self, config: EquiVAEConfig):
         super().__init__(config)

@@ -79,8 +79,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from particle_vae.conventions import pixel_grid, warp_images, wrap_angle
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
-from particle_vae.models.spatial_vae import UNIFORM_THETA_STD, ConvEncoder
+from particle_vae.models.base import (
+    LIKELIHOOD_MASK_OPTION,
+    POSE_PRIOR_OPTIONS,
+    LossTerms,
+    ModelConfig,
+    ModelOption,
+    PoseVAE,
+    Readout,
+)
+from particle_vae.models.spatial_vae import ENCODER_SIZE_OPTIONS, UNIFORM_THETA_STD, ConvEncoder
 from particle_vae.nn import lie
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
@@ -89,7 +97,7 @@ TAU_INIT_LOGSTD = math.log(0.1)
 
 
 @dataclass
-class MCEVAEConfig:
+class MCEVAEConfig(ModelConfig):
     """Settings that fully rebuild an MCE-VAE (pixels, radians).
 
     Attributes:
@@ -121,11 +129,6 @@ class MCEVAEConfig:
         mask_radius: evaluate the likelihood only inside this radius (pixels).
     """
 
-    #: config field -> shared command-line option field (see commands/train.py)
-    CLI_ALIASES = {"dec_hidden": "gen_hidden", "dec_layers": "gen_layers", "invariance_rotations": "group_order"}
-
-    box: int
-    zdim: int = 2
     n_clusters: int = 10
     cluster_dim: int = 5
     cluster_spread: float = 3.0
@@ -148,12 +151,11 @@ class MCEVAEConfig:
     enc_hidden: int = 512
     dec_hidden: int = 512
     dec_layers: int = 2
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float | None = None
     mask_radius: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a readable message for impossible settings."""
+        super().validate()
         if self.box < 8:
             raise ValueError(f"mce-vae's conv encoder needs a box of at least 8 pixels, not {self.box}")
         if self.zdim < 0:
@@ -185,10 +187,6 @@ class MCEVAEConfig:
             raise ValueError("aug_dim, enc_channels, enc_layers and enc_hidden must be positive")
         if self.dec_hidden < 1 or self.dec_layers < 1:
             raise ValueError("dec_hidden and dec_layers must be positive")
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
-        if self.gaussian_sigma is not None and not self.gaussian_sigma > 0:
-            raise ValueError("gaussian_sigma must be positive (or None to learn it)")
         if self.mask_radius is not None and not self.mask_radius > 0:
             raise ValueError("mask_radius must be positive")
 
@@ -255,7 +253,26 @@ class MCEVAE(PoseVAE):
     """
 
     name = "mce-vae"
+    preset_fields = {"dec_hidden": "gen_hidden", "dec_layers": "gen_layers"}
     config_class = MCEVAEConfig
+    options = (
+        ModelOption("--zdim", "zdim", "dimensions of the variational latent z (the readout latent is [z_c, z])", type=int),
+        *PoseVAE.options[1:],
+        ModelOption("--clusters", "n_clusters", "mixture components of the cluster latent", type=int),
+        ModelOption("--cluster-dim", "cluster_dim", "cluster latent dimensions", type=int),
+        ModelOption("--lie-group", "group", "transformation group", choices=("so2", "se2")),
+        ModelOption("--invariance-weight", "invariance_weight", "weight of the invariance term", type=float),
+        ModelOption("--invariance-rotations", "invariance_rotations",
+                    "the invariance term's group elements rotate by multiples of 360/N degrees", type=int,
+                    old_flags=("--group",)),
+        ModelOption("--invariance-translation", "invariance_translation",
+                    "largest shift of the invariance term's group elements, pixels", type=int),
+        *ENCODER_SIZE_OPTIONS,
+        ModelOption("--dec-hidden", "dec_hidden", "decoder width", type=int, old_flags=("--gen-hidden",)),
+        ModelOption("--dec-layers", "dec_layers", "decoder layers", type=int, old_flags=("--gen-layers",)),
+        *POSE_PRIOR_OPTIONS,
+        LIKELIHOOD_MASK_OPTION,
+    )
 
     def __init__(self, config: MCEVAEConfig):
         super().__init__(config)

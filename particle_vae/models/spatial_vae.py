@@ -31,7 +31,16 @@ import torch
 from torch import nn
 
 from particle_vae.conventions import grid_half_width, pixel_grid, wrap_angle
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.base import (
+    GENERATOR_OPTIONS,
+    LIKELIHOOD_MASK_OPTION,
+    POSE_PRIOR_OPTIONS,
+    LossTerms,
+    ModelConfig,
+    ModelOption,
+    PoseVAE,
+    Readout,
+)
 from particle_vae.nn.generator import SpatialGenerator
 
 LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
@@ -43,9 +52,16 @@ LOGSTD_MIN, LOGSTD_MAX = -8.0, 4.0
 #: uses for fully rotated data.
 UNIFORM_THETA_STD = math.pi
 
+#: the options of the conv/MLP inference network's size (spatial-VAE, MCE-VAE)
+ENCODER_SIZE_OPTIONS = (
+    ModelOption("--enc-hidden", "enc_hidden", "inference MLP width", type=int),
+    ModelOption("--enc-layers", "enc_layers", "inference layers", type=int),
+    ModelOption("--enc-channels", "enc_channels", "first conv layer channels", type=int),
+)
+
 
 @dataclass
-class SpatialVAEConfig:
+class SpatialVAEConfig(ModelConfig):
     """Settings that fully rebuild a spatial-VAE (pixels, radians).
 
     Attributes:
@@ -73,8 +89,6 @@ class SpatialVAEConfig:
         seed: seed of the generator's fixed Fourier frequencies.
     """
 
-    box: int
-    zdim: int = 2
     encoder: str = "mlp"
     enc_hidden: int = 512
     enc_layers: int = 2
@@ -84,8 +98,6 @@ class SpatialVAEConfig:
     translation_prior_std: float = 5.0
     theta_prior: str = "uniform"
     theta_prior_std: float = math.pi / 4
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float | None = None
     gen_hidden: int = 512
     gen_layers: int = 2
     n_fourier: int = 256
@@ -95,12 +107,11 @@ class SpatialVAEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a readable message for impossible settings."""
+        super().validate()
         if self.box < 2:
             raise ValueError(f"box must be at least 2 pixels, not {self.box}")
         if self.encoder not in ("mlp", "conv"):
             raise ValueError(f"encoder must be 'mlp' or 'conv' for spatial-vae, not {self.encoder!r}")
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
         if self.theta_prior not in ("uniform", "normal"):
             raise ValueError(f"theta_prior must be 'uniform' or 'normal', not {self.theta_prior!r}")
         if self.zdim < 0:
@@ -111,8 +122,6 @@ class SpatialVAEConfig:
             raise ValueError("gen_hidden and gen_layers must be positive and n_fourier >= 0")
         if not self.translation_prior_std > 0 or not self.theta_prior_std > 0:
             raise ValueError("translation_prior_std and theta_prior_std must be positive")
-        if self.gaussian_sigma is not None and not self.gaussian_sigma > 0:
-            raise ValueError("gaussian_sigma must be positive (or None to learn it)")
         if self.mask_radius is not None and not self.mask_radius > 0:
             raise ValueError("mask_radius must be positive")
         if self.encoder == "conv" and self.box < 8:
@@ -164,6 +173,15 @@ class SpatialVAE(PoseVAE):
 
     name = "spatial-vae"
     config_class = SpatialVAEConfig
+    options = (
+        *PoseVAE.options,
+        ModelOption("--encoder", "encoder", "inference network: an MLP on the flattened image (the paper's) or stride-2 "
+                    "convolutions and an MLP head", choices=("mlp", "conv")),
+        *ENCODER_SIZE_OPTIONS,
+        *POSE_PRIOR_OPTIONS,
+        *GENERATOR_OPTIONS,
+        LIKELIHOOD_MASK_OPTION,
+    )
 
     def __init__(self, config: SpatialVAEConfig):
         super().__init__(config)

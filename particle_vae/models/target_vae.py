@@ -33,7 +33,18 @@ from dataclasses import dataclass
 import torch
 
 from particle_vae.conventions import grid_half_width, pixel_grid, rotation_matrix, wrap_angle
-from particle_vae.models.base import LossTerms, PoseVAE, Readout, concatenate_readouts
+from particle_vae.engine.presets import resolve_kernel
+from particle_vae.models.base import (
+    GENERATOR_OPTIONS,
+    LIKELIHOOD_MASK_OPTION,
+    POSE_PRIOR_OPTIONS,
+    LossTerms,
+    ModelConfig,
+    ModelOption,
+    PoseVAE,
+    Readout,
+    concatenate_readouts,
+)
 from particle_vae.nn.cpu_threads import map_in_cpu_threads
 from particle_vae.nn.equivariant import GroupConvEncoder
 from particle_vae.nn.generator import SpatialGenerator
@@ -46,12 +57,15 @@ READOUT_CHUNK_ACTIVATIONS = 1_600_000
 
 
 @dataclass
-class TargetVAEConfig:
+class TargetVAEConfig(ModelConfig):
     """Settings that fully rebuild a TARGET-VAE (pixels, radians).
 
     Attributes:
         box: image size in pixels (input and generated).
         zdim: semantic latent size.
+        likelihood: ``"bernoulli"`` (images in [0, 1]) or ``"gaussian"``.
+        gaussian_sigma: fixed noise std for the Gaussian likelihood, or
+            ``None`` to learn it.
         group_order: r of the rotation group C_r (paper: 4, 8 or 16).
         n_fields, kernel, padding: encoder's first layer (paper MNIST: 128, 28, 8).
         mixing: the encoder's 1x1 group convolutions, ``"full"`` (e2cnn's
@@ -66,9 +80,6 @@ class TargetVAEConfig:
         subpixel: infer a continuous translation offset inside each cell.
         translation_prior_std: std of p(t) around the centre, pixels.
         theta_prior: ``"uniform"`` or ``"normal"`` (N(0, theta_prior_std^2)).
-        likelihood: ``"bernoulli"`` (images in [0, 1]) or ``"gaussian"``.
-        gaussian_sigma: fixed noise std for the Gaussian likelihood, or
-            ``None`` to learn it.
         gen_hidden, gen_layers, n_fourier, fourier_bandwidth: generator
             (bandwidth in cycles per pixel).
         gumbel_temperature: of the Gumbel-softmax over cells in training.
@@ -80,8 +91,6 @@ class TargetVAEConfig:
             docs/benchmarks.md). Runs written before this field existed used 0.2.
     """
 
-    box: int
-    zdim: int = 2
     group_order: int = 8
     n_fields: int = 128
     kernel: int = 28
@@ -93,8 +102,6 @@ class TargetVAEConfig:
     translation_prior_std: float = 5.0
     theta_prior: str = "uniform"
     theta_prior_std: float = math.pi / 4
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float | None = None
     gen_hidden: int = 512
     gen_layers: int = 2
     n_fourier: int = 256
@@ -106,6 +113,7 @@ class TargetVAEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a readable message for impossible settings."""
+        super().validate()
         if self.mixing not in ("full", "shared"):
             raise ValueError(f"mixing must be 'full' or 'shared', not {self.mixing!r}")
         if self.encoder not in ("group", "plain"):
@@ -116,8 +124,6 @@ class TargetVAEConfig:
             raise ValueError("the plain-convolution encoder infers translation only: use rotation='none'")
         if self.encoder == "group" and self.group_order < 2:
             raise ValueError("group_order must be at least 2 for the group-convolution encoder")
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
         if not (math.isfinite(self.leaky_relu_slope) and 0 <= self.leaky_relu_slope < 1):
             raise ValueError(f"the LeakyReLU slope must be in [0, 1), not {self.leaky_relu_slope}")
         if self.theta_prior not in ("uniform", "normal"):
@@ -136,6 +142,38 @@ class TargetVAE(PoseVAE):
 
     name = "target-vae"
     config_class = TargetVAEConfig
+    options = (
+        *PoseVAE.options,
+        ModelOption("--group", "group_order", "rotation group order r of P_r (4, 8, 16)", type=int),
+        ModelOption("--fields", "n_fields", "encoder hidden fields", type=int),
+        ModelOption("--kernel", "kernel", "encoder kernel, pixels", type=int, default=None,
+                    none_text="about half the box, odd"),
+        ModelOption("--padding", "padding", "encoder padding, pixels", type=int),
+        ModelOption("--mixing", "mixing", "the encoder's 1x1 layers: shared across rotation channels (the authors') or full "
+                    "e2cnn regular-to-regular kernels (8x the cost at P8)", choices=("full", "shared")),
+        ModelOption("--encoder", "encoder", "group convolutions, or plain (ablation: translation-only inference with "
+                    "ordinary convolutions; implies --rotation none)", choices=("group", "plain")),
+        ModelOption("--rotation", "rotation", "ablations: discrete = no theta offsets; none = no rotation inference",
+                    choices=("full", "discrete", "none")),
+        ModelOption("--no-subpixel", "subpixel", "no continuous translation offset inside a cell", flag_value=False),
+        *POSE_PRIOR_OPTIONS,
+        *GENERATOR_OPTIONS,
+        ModelOption("--leaky-relu-slope", "leaky_relu_slope", "negative slope of the LeakyReLUs of encoder and generator; "
+                    "the authors' code uses 0.01", type=float),
+        ModelOption("--gumbel-temperature", "gumbel_temperature", "temperature of the Gumbel-softmax sample of the pose cell",
+                    type=float),
+        LIKELIHOOD_MASK_OPTION,
+    )
+
+    @classmethod
+    def complete_settings(cls, settings: dict, box: int) -> dict:
+        """Adds ``box``; a kernel of ``None`` (or none given) becomes about half the box, odd, and the
+        plain encoder infers no rotation unless ``rotation`` says otherwise."""
+        settings = super().complete_settings(settings, box)
+        settings["kernel"] = resolve_kernel(settings.get("kernel"), box)
+        if settings.get("encoder") == "plain":
+            settings.setdefault("rotation", "none")
+        return settings
 
     def __init__(self, config: TargetVAEConfig):
         super().__init__(config)

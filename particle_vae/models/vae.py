@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from particle_vae.models.base import LossTerms, PoseVAE, Readout
+from particle_vae.models.base import LossTerms, ModelConfig, ModelOption, PoseVAE, Readout
 from particle_vae.nn.mlp import mlp
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """Settings that rebuild a (beta-)VAE.
 
     Attributes:
@@ -30,19 +30,13 @@ class VAEConfig:
             std or ``None`` to learn it.
     """
 
-    CLI_ALIASES = {"hidden": "gen_hidden", "layers": "gen_layers"}
-
-    box: int
-    zdim: int = 2
     hidden: int = 512
     layers: int = 2
     beta: float = 1.0
-    likelihood: str = "bernoulli"
-    gaussian_sigma: float | None = None
 
     def validate(self) -> None:
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {self.likelihood!r}")
+        """Raise ``ValueError`` with a readable message for impossible settings."""
+        super().validate()
         if self.zdim < 1 or self.layers < 1 or self.hidden < 1:
             raise ValueError("zdim, layers and hidden must be positive")
         if self.beta <= 0:
@@ -53,8 +47,17 @@ class VAE(PoseVAE):
     """(beta-)VAE on ``(B, 1, N, N)`` images."""
 
     name = "vae"
+    preset_fields = {"hidden": "gen_hidden", "layers": "gen_layers"}
     config_class = VAEConfig
     has_pose = False
+    options = (
+        *PoseVAE.options,
+        ModelOption("--hidden", "hidden", "width of the encoder's and decoder's hidden layers", type=int,
+                    old_flags=("--gen-hidden",)),
+        ModelOption("--layers", "layers", "hidden layers of the encoder and of the decoder", type=int,
+                    old_flags=("--gen-layers",)),
+        ModelOption("--beta", "beta", "KL weight (1: VAE; the TARGET-VAE paper's beta-VAE: 4)", type=float),
+    )
 
     def __init__(self, config: VAEConfig):
         super().__init__(config)
