@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 from particle_vae import cli
 from particle_vae.analysis import clustering
 from particle_vae.analysis.averages import traversal_values
-from particle_vae.analysis.metrics import image_centre_of_mass
+from particle_vae.analysis.metrics import clustering_accuracy, image_centre_of_mass
 from particle_vae.conventions import apply_relion_pose, fourier_shift, pixel_grid, undo_relion_pose
 from particle_vae.io.mrc import MRCStack, write_stack
 from particle_vae.io.star import ParticleStar, image_name, make_particle_star
@@ -303,3 +304,48 @@ def test_analyze_refuses_to_overwrite_and_checks_the_run(trained, tmp_path, caps
     assert "3 latent columns but the run" in one_line_error(capsys)
     assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--traverse", "3", "--out", str(tmp_path / "c")]) == 2
     assert "--traverse takes one or two different latent dimensions between 1 and 2" in one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------- classes of infer's pose refinement
+
+
+def _refined_pair(tmp_path) -> Path:
+    """An infer-like STAR: 4 refinement classes of 30 particles whose latents are too noisy to
+    cluster one by one (two populations 1.5 apart, noise 1.0), but whose class means are clear."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 30)
+    population = groups // 2  # classes 0, 1 -> population 0; 2, 3 -> 1
+    z = np.stack([1.5 * population, np.zeros(len(groups))], 1) + rng.normal(0.0, 1.0, (len(groups), 2))
+    star = make_particle_star([image_name(i, "absent.mrcs") for i in range(len(z))], 1.0, 16,
+                              columns={"pvaeZ1": z[:, 0], "pvaeZ2": z[:, 1], "pvaeTruth": population, "pvaeRefineClass": groups + 1})
+    return star.write(tmp_path / "inferred.star")
+
+
+def test_merge_groups_keeps_groups_whole_and_follows_their_means():
+    z = np.array([[0.0], [0.2], [10.0], [10.4], [0.1], [9.9]])
+    groups = np.array([7, 7, 3, 3, 5, 9])
+    result = clustering.merge_groups(z, groups, 2)
+    assert result.labels.tolist() == [0, 0, 1, 1, 0, 1] and result.counts.tolist() == [3, 3]
+    np.testing.assert_allclose(result.centres[:, 0], [0.1, (10.0 + 10.4 + 9.9) / 3])
+    with pytest.raises(ValueError, match="4 groups"):
+        clustering.merge_groups(z, groups, 5)
+
+
+def test_analyze_groups_the_refinement_classes_when_they_are_there(tmp_path, capsys):
+    path = _refined_pair(tmp_path)
+    truth = ParticleStar(path).particles["pvaeTruth"].to_numpy()
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--no-images", "--out", str(tmp_path / "auto")]) == 0
+    grouped = ParticleStar(tmp_path / "auto" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    assert clustering_accuracy(truth, grouped) == 1.0
+    assert json.loads((tmp_path / "auto" / "analysis.json").read_text())["classes_from"] == "refinement (4 classes)"
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--classes-from", "latents", "--no-images",
+                     "--out", str(tmp_path / "latents")]) == 0
+    latent = ParticleStar(tmp_path / "latents" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    assert clustering_accuracy(truth, latent) < 0.85  # the particles' own latents overlap
+    # k as large as the number of refinement classes: auto clusters the latents; refinement must be asked for with k <= 4
+    assert cli.main(["-q", "analyze", str(path), "--k", "4", "--no-images", "--out", str(tmp_path / "k4")]) == 0
+    assert json.loads((tmp_path / "k4" / "analysis.json").read_text())["classes_from"] == "latents"
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(path), "--k", "5", "--classes-from", "refinement", "--no-images",
+                     "--out", str(tmp_path / "k5")]) == 2
+    assert "has 4 refinement classes" in one_line_error(capsys)

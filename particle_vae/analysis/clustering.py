@@ -295,6 +295,44 @@ def _fit_clusters(z: np.ndarray, k: int, method: str, seed: int) -> ClusterResul
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method=method, info=info)
 
 
+def merge_groups(z, groups, k: int, seed: int = 0) -> ClusterResult:
+    """Cluster whole groups of particles (e.g. the classes of ``infer``'s pose refinement) into ``k`` clusters.
+
+    Each group is represented by the mean latent of its particles; the means are
+    clustered by k-means weighted by the group sizes, and every particle takes
+    its group's cluster. Where the groups are purer than latent clusters (pose
+    refinement compares the images themselves), the clusters inherit that purity.
+
+    Args:
+        z: ``(N, d)`` latent means (prior units).
+        groups: ``(N,)`` int group of each particle (any integers).
+        k: number of clusters, ``1 <= k <=`` the number of groups.
+        seed: random seed of the k-means initialisations.
+    Returns:
+        A :class:`ClusterResult` (method ``"kmeans"``, clusters numbered by size), its
+        ``info`` holding ``groups`` (the number of groups) and ``inertia``.
+    Raises:
+        ValueError: ``k`` out of range, mismatched lengths, non-finite latents.
+    """
+    from sklearn.cluster import KMeans
+
+    z = _check_z(z)
+    groups = np.asarray(groups)
+    if groups.shape != (len(z),):
+        raise ValueError(f"{len(groups)} group numbers for {len(z)} particles")
+    names, members = np.unique(groups, return_inverse=True)
+    if not 1 <= int(k) <= len(names):
+        raise ValueError(f"k = {k} clusters of {len(names)} groups needs 1 <= k <= {len(names)}")
+    sizes = np.bincount(members).astype(np.float64)
+    means = np.stack([z[members == j].mean(0) for j in range(len(names))])
+    with _thread_limit(len(z)):
+        fitted = KMeans(n_clusters=int(k), n_init=10, random_state=seed).fit(means, sample_weight=sizes)
+    labels = fitted.labels_.astype(np.int64)[members]
+    labels, centres, counts = _relabel_by_size(labels, _member_means(z, labels, int(k)))
+    return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method="kmeans",
+                         info={"groups": int(len(names)), "inertia": float(fitted.inertia_)})
+
+
 def default_k_range(method: str, n: int, k_max: int = DEFAULT_K_MAX) -> tuple[int, int]:
     """``(k_min, k_max)`` searched by :func:`suggest_k`: from 1 up to ``k_max``, capped
     by the number of particles (``N`` for BIC, ``N - 1`` for the silhouette)."""

@@ -2,7 +2,10 @@
 
 INPUT is a STAR written by `particle-vae infer` (it has pvaeZ1..k columns), or
 a run directory together with --star. The latent means are clustered (k-means,
-Gaussian mixture or Ward; --k auto scores a range of k), and OUT receives:
+Gaussian mixture or Ward; --k auto scores a range of k); when infer refined the
+poses (pvaeRefineClass) and --k is below the number of its classes, those
+classes are kept whole and grouped by their mean latent instead (--classes-from),
+and OUT receives:
 
   clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based); rlnImageName
                              resolves from the folder RELION runs in (--project-dir, default the current one)
@@ -38,6 +41,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: the column in which infer writes the class of its pose refinement (1-based)
+REFINE_CLASS_COLUMN = "pvaeRefineClass"
+
 
 def _k_value(text: str):
     if text.strip().lower() == "auto":
@@ -58,6 +64,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                                                  "training curves, and reads particles with its preprocessing (default: none)")
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="checkpoint of the run")
     parser.add_argument("--method", choices=["kmeans", "gmm", "ward"], default="kmeans", help="clustering method")
+    parser.add_argument("--classes-from", choices=["auto", "latents", "refinement"], default="auto",
+                        help="what is clustered: the particles' latents, or the classes of infer's pose refinement (kept whole, "
+                             "grouped by their mean latent with k-means; purer where the refinement separated what the latents "
+                             "mix); auto: the refinement classes when the STAR has infer's pvaeRefineClass column and --k is a "
+                             "number below their count, else the latents (default: auto)")
     parser.add_argument("--k", type=_k_value, default="auto",
                         help="number of clusters, or auto: gmm by the lowest BIC (k = 1 included); kmeans/ward test one population "
                              "against several with the gap statistic, then take the highest silhouette (see docs/analysis.md)")
@@ -182,18 +193,32 @@ def main(args: argparse.Namespace) -> int:
 
     # ---- clustering -------------------------------------------------------------
     selection = None
+    refine_classes = _refinement_classes(star)
+    n_refined = 0 if refine_classes is None else len(np.unique(refine_classes))
+    if args.classes_from == "refinement" and (refine_classes is None or args.k == "auto" or args.k > n_refined):
+        reason = (f"has no {REFINE_CLASS_COLUMN} column (infer ran with --no-refine)" if refine_classes is None
+                  else f"has {n_refined} refinement classes; give a number --k up to {n_refined}")
+        raise ParticleVAEError(f"{star_path}: --classes-from refinement: the infer output {reason}")
+    by_refinement = refine_classes is not None and args.k != "auto" and (
+        args.classes_from == "refinement" or (args.classes_from == "auto" and args.k < n_refined))
     try:
-        if args.k == "auto":
+        if by_refinement:
+            k = int(args.k)
+            log.info("grouping the %d classes of infer's pose refinement into %d by their mean latent (--classes-from)",
+                     n_refined, k)
+            result = clustering.merge_groups(z, refine_classes, k, seed=args.seed)
+        elif args.k == "auto":
             k_range = tuple(args.k_range) if args.k_range else clustering.default_k_range(args.method, n)
             log.info("choosing k for %s over %d..%d", args.method, *k_range)
             selection = clustering.suggest_k(z, args.method, k_range, seed=args.seed)
             k = selection.k
         else:
             k = int(args.k)
-        result = clustering.fit_clusters(z, k, args.method, seed=args.seed)
+        if not by_refinement:
+            result = clustering.fit_clusters(z, k, args.method, seed=args.seed)
     except ValueError as error:
         raise ParticleVAEError(f"{star_path}: clustering failed: {error}") from None
-    criterion, _ = clustering.CRITERIA[args.method]
+    criterion, _ = clustering.CRITERIA["kmeans" if by_refinement else args.method]
     if selection is not None:
         scores = {str(key): value for key, value in selection.scores.items()}
         if selection.caution:
@@ -328,11 +353,12 @@ def main(args: argparse.Namespace) -> int:
         "checkpoint": None if run_path is None else args.checkpoint,
         "n_particles": n,
         "latent_columns": columns,
-        "method": args.method,
+        "method": result.method,
+        "classes_from": f"refinement ({n_refined} classes)" if by_refinement else "latents",
         "k": k,
         "k_selection": "auto" if selection is not None else "given",
         "criterion": criterion,
-        "criterion_better": "higher" if clustering.CRITERIA[args.method][1] else "lower",
+        "criterion_better": "higher" if clustering.CRITERIA[result.method][1] else "lower",
         "scores": scores,
         "k_confidence": None if selection is None else selection.record(),
         "seed": args.seed,
@@ -353,6 +379,16 @@ def main(args: argparse.Namespace) -> int:
     atomic_write_text(paths["record"], json.dumps(record, indent=2) + "\n")
     log.info("wrote %s; analysis finished in %.1f s", paths["record"], record["runtime_s"])
     return 0
+
+
+def _refinement_classes(star):
+    """``(N,)`` classes of infer's pose refinement (its ``pvaeRefineClass`` column), or ``None`` without one."""
+    import numpy as np
+
+    if REFINE_CLASS_COLUMN not in star.particles.columns:
+        return None
+    classes = star.particles[REFINE_CLASS_COLUMN].to_numpy()
+    return classes if np.issubdtype(classes.dtype, np.number) and np.isfinite(classes).all() else None
 
 
 def _poses(star, path: Path, pixel_size):
