@@ -18,7 +18,7 @@ def small_model(**settings):
     return build_model({"model": "target-vae", **SMALL, **settings})
 
 
-def test_configs_without_the_field_keep_the_slope_they_were_trained_with():
+def test_the_default_slope_is_the_one_every_earlier_run_used():
     assert TargetVAEConfig(box=16).leaky_relu_slope == 0.2
     model = small_model()
     slopes = {m.negative_slope for m in model.generator.modules() if isinstance(m, nn.LeakyReLU)}

@@ -371,3 +371,37 @@ def test_cli_ddp_train_resume_and_sharded_infer(particles: Path, tmp_path: Path)
         np.testing.assert_allclose(b[column], a[column], rtol=0, atol=1e-3, err_msg=column)
     assert np.ptp(a["pvaeZ1"]) > 0  # per-particle values, so order matters
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _buffer_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank: an EquiVAE whose class-mean bank (a persistent buffer) starts different on each rank."""
+    from particle_vae.engine import distributed as ddp
+    from particle_vae.models import MODELS
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    context = ddp.init_distributed("cpu")
+    try:
+        cls = MODELS["equivae"]
+        torch.manual_seed(0)
+        model = cls(cls.config_class(box=16, n_classes=3, embed_dim=4, hidden=16))
+        with torch.no_grad():
+            model.class_means.fill_(float(rank + 1))
+        wrapped = ddp.wrap_ddp(model, context, torch.device("cpu"))
+        at_wrap = model.class_means.clone()
+        images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(rank))
+        wrapped(images, scale=1.0, labels=torch.tensor([rank, rank, -1, -1]))[0].backward()
+        gathered = ddp.all_gather_objects(context, {"at_wrap": at_wrap, "grad": next(model.parameters()).grad.clone()})
+        if context.is_main:
+            torch.save(gathered, Path(folder) / "buffers.pt")
+    finally:
+        ddp.cleanup(context)
+
+
+def test_ddp_broadcasts_the_models_own_buffers_into_the_model(tmp_path: Path):
+    """Through the LossModule, DDP's broadcast of rank 0's buffers reaches the model itself (EquiVAE's class-mean
+    bank), and the gradients are averaged over the ranks."""
+    mp.spawn(_buffer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gathered = torch.load(tmp_path / "buffers.pt", weights_only=True)
+    assert all(torch.equal(rank["at_wrap"], torch.ones_like(rank["at_wrap"])) for rank in gathered)  # rank 0's bank
+    assert torch.equal(gathered[0]["grad"], gathered[1]["grad"])

@@ -231,7 +231,36 @@ def assert_same_records(got: np.ndarray, expected: np.ndarray, skip=()) -> None:
     assert got.dtype == expected.dtype
     for field in expected.dtype.names:
         if field not in skip:
-            assert np.array_equal(got[field], expected[field]), field
+            floats = expected.dtype[field].base.kind == "f"
+            assert np.array_equal(got[field], expected[field], equal_nan=floats), field
+
+
+def test_nan_in_a_cryosparc_float_field_survives_the_round_trip(formats_dir, tmp_path, capsys, monkeypatch):
+    """A NaN is a value of a float field (a score cryoSPARC could not compute), not a gap."""
+    monkeypatch.chdir(tmp_path)
+    records = np.load(formats_dir / P12)
+    # a score (not a pixel size or a CTF value, which must be numbers)
+    float_fields = [name for name in records.dtype.names if records.dtype[name].kind == "f" and not records.dtype[name].shape
+                    and name.endswith("/error")]
+    records[float_fields[0]][1] = np.nan
+    with open("nan.cs", "wb") as handle:
+        np.save(handle, records)
+    assert run(["-q", "export", "nan.cs", "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "back.cs"], capsys)[0] == 0
+    back = np.load("back.cs")
+    assert np.isnan(back[float_fields[0]][1])
+    assert_same_records(back, records)
+
+
+def test_a_damaged_kept_cryosparc_column_is_a_one_line_error(formats_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["-q", "export", str(formats_dir / J2), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    text = Path("p.star").read_text()
+    column = next(line.split()[0] for line in text.splitlines() if line.startswith("_pvaeCs_f4_"))
+    Path("bad.star").write_text(text.replace(column + " ", column.replace("_pvaeCs_f4_", "_pvaeCs_i3_") + " ", 1))
+    code, _, err = run(["-q", "export", "bad.star", "--to", "cryosparc", "--out", "bad.cs"], capsys)
+    message = [line for line in err.strip().splitlines() if "WARNING" not in line]  # the stacks are not shipped
+    assert code == 2 and len(message) == 1 and "i3" in message[0] and "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", [J2, P12])

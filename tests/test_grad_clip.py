@@ -4,6 +4,7 @@ ordinary steps are untouched, and a version-1 run (trained before the option) ke
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,3 +58,11 @@ def test_runs_of_schema_version_1_keep_training_without_clipping(tmp_path):
     path.write_text(json.dumps(raw))
     config = RunConfig.read(path)
     assert config.train["grad_clip_factor"] == 0.0
+
+
+def test_non_finite_norms_do_not_pull_the_limit_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    clipper = GradientSpikeClipper(20.0)
+    for step_number in range(30):
+        step(clipper, parameter, math.inf if step_number % 3 else 1.0)
+    assert step(clipper, parameter, 1.0) == pytest.approx(1.0)  # the median of the finite norms, 1

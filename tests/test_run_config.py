@@ -132,8 +132,7 @@ def test_run_written_before_versioning_infers(tmp_path):
             assert config[key] == raw[key], key
     fields = {item.name for item in dataclasses.fields(MODELS["target-vae"].config_class)}
     assert set(config["model"]) == fields | {"model"}
-    if "leaky_relu_slope" in fields:  # a setting added after version 0: those runs used 0.2
-        assert config["model"]["leaky_relu_slope"] == 0.2
+    assert config["model"]["leaky_relu_slope"] == 0.2  # a setting added after version 0: those runs used 0.2
     assert config["train"]["grad_clip_factor"] == 0.0  # added in version 2: older runs never clipped
     model = build_model(config["model"])
     best = torch.load(run.best_checkpoint, weights_only=True)

@@ -162,14 +162,6 @@ def test_floats_are_written_exactly(tmp_path):
     np.testing.assert_array_equal(back.particles["v"].to_numpy(float), values)
 
 
-def _large_star_text(n: int) -> str:
-    rows = "\n".join(f"  {i % 997 + 1:06d}@Extract/job{i % 3}/mic{i % 50}.mrcs  {1 + i % 2}  {i * 0.5:.2f}  'a b'  {i}"
-                     for i in range(n))
-    return ("# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnOpticsGroupName #2\n_rlnImagePixelSize #3\n"
-            "_rlnImageSize #4\n1 opticsGroup1 1.5 64\n2 opticsGroup2 1.5 64\n\n\n# version 30001\n\ndata_particles\n\nloop_\n"
-            "_rlnImageName #1\n_rlnOpticsGroup #2\n_rlnDefocusU #3\n_rlnNote #4\n_rlnCount #5\n# a comment line\n" + rows + "\n\n")
-
-
 # --------------------------------------------------------------------------- one parser, checked against starfile
 # The starfile package (a test dependency) is the independent reference: same blocks, same columns, the same
 # values (numbers compared as numbers, text as text) and the same column types.
@@ -364,3 +356,13 @@ def test_vectorised_image_name_split_matches_the_regular_expression(tmp_path):
     path = star.write(tmp_path / "many.star")
     locations = ParticleStar(path).image_locations()
     assert len(locations.stack_paths) == 200 and locations.image_index[-1] == 999 and locations.stack_index[-1] == 199
+
+
+def test_a_byte_order_mark_before_data_is_not_text(tmp_path):
+    """Some Windows editors save UTF-8 with a byte-order mark; the first block must still be found."""
+    text = "data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n1@a.mrcs 10000.0\n2@a.mrcs 12000.0\n"
+    path = tmp_path / "bom.star"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table = read_star(path).blocks["particles"]
+    assert list(table.columns) == ["rlnImageName", "rlnDefocusU"] and table["rlnDefocusU"].tolist() == [10000.0, 12000.0]
+    assert scan_star_header(path).columns[:2] == ["rlnImageName", "rlnDefocusU"]

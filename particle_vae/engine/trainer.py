@@ -225,14 +225,14 @@ class GradientSpikeClipper:
             self.history, self.clipped = self.history.to(device), self.clipped.to(device)
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]))
         if self.count >= self.warmup:
-            limit = self.factor * self.history[:min(self.count, self.window)].median()
+            limit = self.factor * self.history[:min(self.count, self.window)].nanmedian()
             coef = (limit / (total + 1e-12)).clamp(max=1.0)
             coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
             for grad in grads:
                 grad.mul_(coef.to(grad.dtype))
             self.clipped += (coef < 1.0).to(torch.int64)
-        # the unclipped norm enters the history (a non-finite one as 0: the loss check stops such a run)
-        self.history[self.count % self.window] = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+        # the unclipped norm enters the history; a non-finite one as NaN, which the median leaves out
+        self.history[self.count % self.window] = torch.where(torch.isfinite(total), total, torch.full_like(total, math.nan))
         self.count += 1
 
     def take_clipped(self) -> int:

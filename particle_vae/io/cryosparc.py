@@ -437,11 +437,18 @@ def kept_field_column(name: str, dtype: np.dtype) -> str:
 
 
 def parse_kept_column(column: str) -> tuple[str, np.dtype] | None:
-    """``(field name, dtype)`` of a kept-field column, or ``None`` for any other column."""
+    """``(field name, dtype)`` of a kept-field column, or ``None`` for any other column.
+
+    Raises:
+        ValueError: a ``pvaeCs_`` column whose type code is not a numpy type (e.g. ``i3``).
+    """
     match = _KEPT_RE.match(column)
     if match is None:
         return None
-    base = np.dtype("<" + match.group(1))
+    try:
+        base = np.dtype("<" + match.group(1))
+    except TypeError:
+        raise ValueError(f"{column}: {match.group(1)!r} is not a numpy type code") from None
     shape = tuple(int(size) for size in match.group(2).split("x")[1:])
     return match.group(3), (np.dtype((base, shape)) if shape else base)
 
@@ -498,7 +505,7 @@ def _decode_field(series: pd.Series, dtype: np.dtype, column: str, path) -> np.n
     """The values of a kept-field column in their cryoSPARC type (the inverse of :func:`_encode_field`)."""
     base, shape = dtype.base, dtype.shape
     fix = f"restore the {column} column as written by particle-vae, or drop every {KEPT_PREFIX}* column (or give --template)"
-    if series.isna().any():
+    if base.kind != "f" and series.isna().any():  # NaN is a value of a float field, a gap in any other
         row = int(np.flatnonzero(series.isna().to_numpy())[0])
         raise InputFileError(f"particle {row + 1} has no value in {column}", path, fix)
     try:
@@ -544,7 +551,11 @@ def kept_records(star: ParticleStar) -> np.ndarray | None:
     """The cryoSPARC records kept in a STAR's ``pvaeCs_`` columns (``uid`` from ``pvaeCryosparcUid``
     first, then the fields in column order), or ``None`` when it has none."""
     particles = star.particles.reset_index(drop=True)
-    fields = [(column, parse_kept_column(str(column))) for column in particles.columns]
+    try:
+        fields = [(column, parse_kept_column(str(column))) for column in particles.columns]
+    except ValueError as error:
+        raise InputFileError(f"has a kept cryoSPARC column that cannot be read ({error})", star.path,
+                             f"restore the column as written by particle-vae, or drop every {KEPT_PREFIX}* column") from None
     fields = [(column, parsed) for column, parsed in fields if parsed is not None]
     if not fields:
         return None

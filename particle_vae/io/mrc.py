@@ -324,6 +324,7 @@ class StackWriter:
         self.dtype = np.dtype(MODE_DTYPES[mode]).newbyteorder("<")
         self.image_bytes = self.box * self.box * self.dtype.itemsize
         self.n_images = None if n_images is None else int(n_images)
+        self._written = None if n_images is None else np.zeros(self.n_images, dtype=bool)  # images write_at filled
         self.durable = durable
         self.count = 0
         self._sum = 0.0
@@ -391,7 +392,10 @@ class StackWriter:
         count = 1 if np.ndim(images) == 2 else len(images)
         if not 0 <= index <= index + count <= self.n_images:
             raise ValueError(f"{self.path}: images {index}..{index + count - 1} requested, the stack holds {self.n_images}")
+        if self._written[index:index + count].any():  # the header statistics count every image once
+            raise ValueError(f"{self.path}: image {index + int(np.argmax(self._written[index:index + count]))} written twice")
         stored = self._stored(images)
+        self._written[index:index + count] = True
         self._handle.flush()  # positional writes go around the buffer
         _pwrite_all(self._handle.fileno(), stored, HEADER_BYTES + int(index) * self.image_bytes)
 
@@ -400,8 +404,8 @@ class StackWriter:
             if exc_type is None:
                 if self.count == 0:
                     raise ValueError(f"{self.path}: no images were written")
-                if self.n_images is not None and self.count != self.n_images:
-                    raise OutputFileError(f"wrote {self.count} of {self.n_images} images", self.path, "run again")
+                if self.n_images is not None and not self._written.all():
+                    raise OutputFileError(f"wrote {int(self._written.sum())} of {self.n_images} images", self.path, "run again")
                 header = _build_header(self.box, self.box, self.count, self.pixel_size, is_stack=True, mode=self.mode)
                 _set_statistics(header, self._min, self._max, self._sum, self._sumsq, self.count * self.box * self.box)
                 self._handle.flush()  # the buffered images first, then the header over the placeholder

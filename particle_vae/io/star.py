@@ -124,7 +124,7 @@ def _read_star_text(path: Path) -> str:
     if b"\x00" in head:
         raise InputFileError("holds binary data (NUL bytes), not STAR text", path, "give a RELION particle .star file")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is not text
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -374,7 +374,7 @@ def scan_star_header(path: str | Path, max_skipped_lines: int = MAX_SKIPPED_LINE
     columns: list[str] = []
     in_header = False  # between a loop_ and its first row
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for line in handle:
             stripped = line.strip()
             what = _line_kind(stripped)
