@@ -411,7 +411,10 @@ def test_sample_data_contribution(viewer, sample_run: Path, monkeypatch):
 
 
 def test_200k_points_in_the_widget(viewer, qtbot):
-    """Plot building and a lasso selection on 200,000 particles take seconds at most (density + subset drawing)."""
+    """Plot building and a lasso selection on 200,000 particles take seconds at most (density + subset drawing).
+
+    Timed in CPU seconds of this process (all its threads), not wall time: other jobs on a shared 2-core machine
+    stretch wall time (3.5 s measured for the selection under a load of five), not the work done here."""
     from napari_particle_vae.reader import layer_data
     from napari_particle_vae.run_data import ParticleRun
 
@@ -429,21 +432,21 @@ def test_200k_points_in_the_widget(viewer, qtbot):
     for data, kwargs, kind in layer_data(run):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = _widget(viewer)
-    started = time.perf_counter()
+    started = time.process_time()
     widget.update_plot()
     widget.canvas.draw()
-    build = time.perf_counter() - started
+    build = time.process_time() - started
     assert widget.plot.density and len(widget.embedding) == n
 
     lasso = [(-4, -4), (0, -4), (0, 0), (-4, 0)]
-    started = time.perf_counter()
+    started = time.process_time()
     mask = widget.select_polygon(lasso)
     widget.canvas.draw()
-    select = time.perf_counter() - started
+    select = time.process_time() - started
     expected = (z[:, 0] > -4) & (z[:, 0] < 0) & (z[:, 1] > -4) & (z[:, 1] < 0)
     assert np.array_equal(mask, expected)
-    assert build < 5.0, f"plot of 200k points took {build:.2f} s"
-    assert select < 3.0, f"lasso selection among 200k points took {select:.2f} s"
+    assert build < 5.0, f"plot of 200k points took {build:.2f} CPU s"
+    assert select < 3.0, f"lasso selection among 200k points took {select:.2f} CPU s"
 
 
 def test_200k_particle_star_opens_and_shows_a_large_selection_quickly(viewer, qtbot, tmp_path: Path, synthetic_star):
