@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
     structures = root / "structures"
     work = args.work or args.out.with_suffix("")
     sim, run = work / "sim", work / "run"
-    work.mkdir(parents=True, exist_ok=True)
+    sim.mkdir(parents=True, exist_ok=True)  # also the project folder of the simulated STAR: it must exist
     steps = {}
     steps["simulate"] = timed(particle_vae("-q", "simulate", "--structure", *[structures / s for s, _ in STRUCTURES], "--n", args.n,
                                            "--box", BOX, "--pixel-size", APIX, "--max-shift", MAX_SHIFT, "--snr", args.snr,
