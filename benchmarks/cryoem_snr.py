@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from particle_vae import cli
+from particle_vae import api
 from particle_vae.analysis.metrics import clustering_accuracy, rotational_correlation
+from particle_vae.commands import train as train_command
 from particle_vae.io.mrc import MRCStack
 from particle_vae.io.paths import data_root
 from particle_vae.io.star import ParticleStar
@@ -48,7 +49,8 @@ PRESETS = {
     "quick": {"snrs": [10.0, 1.0, 0.1], "n": 1200, "epochs": 6, "train": ["--batch-size", "16"]},
     "paper": {"snrs": [1.0, 0.1, 0.03], "n": 10000, "epochs": 50, "train": ["--batch-size", "64"]},
 }
-SIMULATE = ["--box", "32", "--pixel-size", "8", "--views", "top", "--no-progress"]
+#: the simulation's settings besides the structures, n and SNR (particle_vae.data.simulate.SimulationConfig fields)
+SIMULATE = {"box": 32, "pixel_size": 8.0, "views": "top"}
 
 
 def wrap(angle_deg, period: float = 360.0):
@@ -100,7 +102,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-ctf", action="store_true", help="simulate without a CTF (the setting of tests/test_mixture.py)")
     parser.add_argument("--extra-train", nargs=argparse.REMAINDER, default=[], help="more options for particle-vae train (last)")
     args = parser.parse_args(argv)
+    earlier = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for handler in set(logging.getLogger().handlers) - earlier:  # the steps' own lines only from WARNING up (as particle-vae -q)
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("particle_vae"))
     preset = PRESETS[args.preset]
     snrs = args.snrs or preset["snrs"]
     n = args.n or preset["n"]
@@ -113,17 +118,17 @@ def main(argv=None) -> dict:
         folder = work / f"snr_{snr:g}"
         started = time.perf_counter()
         sim = folder / "sim"
-        assert cli.main(["-q", "simulate", "--structure", str(structures / "t20s_3j9i.pdb"), str(structures / "groel_1oel.pdb"),
-                         "--n", str(n), "--snr", str(snr), *SIMULATE, *(["--no-ctf"] if args.no_ctf else []), "--write-clean", "--out", str(sim), "--overwrite"]) == 0
-        run = folder / "run"
-        assert cli.main(["-q", "train", str(sim / "particles.star"), "--preset", "tiny", "--epochs", str(epochs), "--seed", "0",
-                         *preset["train"], *args.extra_train, "--out", str(run), "--overwrite"]) == 0
-        star = folder / "particles_vae.star"
-        assert cli.main(["-q", "infer", str(run), "--out", str(star), "--overwrite", "--no-refine"]) == 0
-        out = folder / "analysis"
-        assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--k", "2", "--gallery", "0", "--out", str(out),
-                         "--overwrite"]) == 0
-        row = {"snr": snr, **score(sim, out), "seconds": round(time.perf_counter() - started, 1)}
+        simulated = api.simulate(api.SimulateRequest.from_preset(
+            "t20s", n, sim, structures=[structures / "t20s_3j9i.pdb", structures / "groel_1oel.pdb"], snr=snr, **SIMULATE,
+            ctf=not args.no_ctf, write_clean=True, overwrite=True, progress=False))
+        # the train options as words (the preset's and --extra-train's), read by the train command's parser
+        trained = api.train(train_command.request_from_words([
+            simulated.star, "--preset", "tiny", "--epochs", epochs, "--seed", 0, *preset["train"], *args.extra_train,
+            "--out", folder / "run", "--overwrite"]))
+        inferred = api.infer(api.InferRequest(trained.run, folder / "particles_vae.star", refine=None, overwrite=True))
+        analysed = api.analyze(api.AnalyzeRequest(inferred.star, folder / "analysis", run=trained.run, k=2, gallery=0,
+                                                  overwrite=True))
+        row = {"snr": snr, **score(sim, analysed.out), "seconds": round(time.perf_counter() - started, 1)}
         log.info("SNR %g: %s", snr, row)
         results["rows"].append(row)
     lines = ["| SNR | clustering acc. | T20S angle RMSE (deg, mod 180) | T20S shift RMSE (px) | sharpness T20S / GroEL | time (s) |",

@@ -345,6 +345,10 @@ def test_analyze_groups_the_refinement_classes_when_they_are_there(tmp_path, cap
     # k as large as the number of refinement classes: auto clusters the latents; refinement must be asked for with k <= 4
     assert cli.main(["-q", "analyze", str(path), "--k", "4", "--no-images", "--out", str(tmp_path / "k4")]) == 0
     assert json.loads((tmp_path / "k4" / "analysis.json").read_text())["classes_from"] == "latents"
+    # a method chosen for the latents (gmm, ward) means the latents are clustered
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--method", "gmm", "--no-images", "--out", str(tmp_path / "gmm")]) == 0
+    record = json.loads((tmp_path / "gmm" / "analysis.json").read_text())
+    assert record["classes_from"] == "latents" and record["method"] == "gmm"
     capsys.readouterr()
     assert cli.main(["-q", "analyze", str(path), "--k", "5", "--classes-from", "refinement", "--no-images",
                      "--out", str(tmp_path / "k5")]) == 2

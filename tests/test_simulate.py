@@ -409,3 +409,14 @@ def test_cli_error_paths_name_the_file(tmp_path, data_root, run_cli):
     code, err = run_cli("--out", tmp_path / "f", "--defocus-star", tmp_path / "f" / "particles.star", "--overwrite", *common)
     assert code == 2 and "input" in err and str(tmp_path / "f" / "particles.star") in err
     assert (tmp_path / "f" / "particles.star").read_text().count("rlnDefocusU") == 1
+
+
+def test_the_output_folder_can_be_the_project_folder_before_it_exists(tmp_path, data_root):
+    """``simulate --out sim --project-dir sim``: names relative to the simulation's own folder, which is created."""
+    from particle_vae import cli
+    from particle_vae.io.star import ParticleStar
+
+    out = tmp_path / "new" / "sim"
+    assert cli.main(["-q", "simulate", "--preset", "t20s", "--n", "3", "--box", "16", "--pixel-size", "16", "--data-dir", str(data_root), "--out", str(out),
+                     "--project-dir", str(out), "--no-progress"]) == 0
+    assert ParticleStar(out / "particles.star").particles["rlnImageName"].str.endswith("@particles.mrcs").all()

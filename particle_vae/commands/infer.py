@@ -73,14 +73,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_launch_options(parser, "inference sharded")
 
 
-def main(args: argparse.Namespace) -> int:
-    import logging
-
-    from particle_vae.engine import distributed as ddp
-    from particle_vae.engine.inference import infer_run
-
-    if ddp.wants_launch(args):
-        return ddp.relaunch(args, args._launch_parser, "infer")
+def request(args: argparse.Namespace):
+    """The :class:`particle_vae.api.InferRequest` that ``args`` (this command's options) describe;
+    one-line errors for refinement options out of range."""
+    from particle_vae.api import InferRequest
     from particle_vae.errors import ParticleVAEError
 
     refine = None
@@ -95,15 +91,21 @@ def main(args: argparse.Namespace) -> int:
             raise ParticleVAEError(f"--refine-angle-step must lie in (0, 90] degrees, got {args.refine_angle_step}")
         refine = RefineSettings(iterations=args.refine_iterations, n_psi=max(4, round(360.0 / args.refine_angle_step)),
                                 max_shift=args.refine_max_shift, device="auto" if args.device == "auto" else args.device)
-    context = ddp.init_distributed(args.device)
-    if not context.is_main:
-        logging.getLogger("particle_vae").setLevel(logging.WARNING)
-    try:
-        infer_run(args.run, args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                  device=args.device, num_workers=args.workers, datadir=args.stack_dir, pixel_size=args.pixel_size,
-                  overwrite=args.overwrite, context=context, bf16=args.precision == "bf16",
-                  center=not args.no_center, refine=refine, refine_classes=args.refine_classes, refine_box=args.refine_box,
-                  project_dir=args.project_dir, poses_to_relion_columns=args.poses_to_relion_columns)
-    finally:
-        ddp.cleanup(context)
+    return InferRequest(
+        run=args.run, out=args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
+        device=args.device, workers=args.workers, stack_dir=args.stack_dir, pixel_size=args.pixel_size,
+        precision=args.precision, center=not args.no_center, refine=refine, refine_classes=args.refine_classes,
+        refine_box=args.refine_box, poses_to_relion_columns=args.poses_to_relion_columns, project_dir=args.project_dir,
+        overwrite=args.overwrite)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Read out the run ``args`` describe (:func:`particle_vae.api.infer`), or start it again in
+    several processes (``--gpus``, ``--ddp-cpu-processes``); returns the exit code."""
+    from particle_vae import api
+    from particle_vae.engine import distributed as ddp
+
+    if ddp.wants_launch(args):
+        return ddp.relaunch(args, args._launch_parser, "infer")
+    api.infer(request(args))
     return 0

@@ -19,12 +19,9 @@ given. See docs/simulator.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 
-from particle_vae.data.simulate import PRESETS, SHIFT_DISTRIBUTIONS, SNR_MODES, VIEWS, preset_config, run_simulation
-
-log = logging.getLogger("particle_vae")
+from particle_vae.data.simulate import PRESETS, SHIFT_DISTRIBUTIONS, SNR_MODES, VIEWS, preset_config
 
 
 def _snr(text: str) -> float:
@@ -77,7 +74,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the simulation described by ``args``; returns 0."""
+    """Run the simulation described by ``args`` (:func:`particle_vae.api.simulate`); returns 0."""
+    from particle_vae import api
+
     config = preset_config(
         args.preset, args.n, data_dir=args.data_dir, structures=args.structure, defocus_star=args.defocus_star,
         box=args.box, pixel_size=args.pixel_size, downsample_to=args.downsample_to, resolution=args.resolution,
@@ -86,16 +85,6 @@ def main(args: argparse.Namespace) -> int:
         phase_shift=args.phase_shift, snr=args.snr, snr_mode=args.snr_mode,  # inf: noise-free
         seed=args.seed, batch_size=args.batch_size, write_clean=args.write_clean,
     )
-    log.info("simulating %d particles (%s): %s; %d px at %.4g A/px%s", config.n, config.preset,
-             ", ".join(f"{s.name}={s.path}" for s in config.structures), config.box, config.pixel_size,
-             f" -> {config.output_box} px at {config.output_pixel_size:.4g} A/px" if config.output_box != config.box else "")
-    result = run_simulation(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                            project_dir=args.project_dir)
-    for name, path in result.files.items():
-        log.info("wrote %s", path)
-    if result.snr_measured is not None:
-        log.info("SNR requested %.4g, measured %.4g; %d particles in %.1f s", config.snr, result.snr_measured,
-                 result.n, result.summary["runtime_s"])
-    else:
-        log.info("%d noise-free particles in %.1f s", result.n, result.summary["runtime_s"])
+    api.simulate(api.SimulateRequest(config, args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                                     project_dir=args.project_dir))
     return 0

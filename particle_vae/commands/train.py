@@ -28,16 +28,16 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from particle_vae.engine.device import cpu_has_fast_bf16, resolve_device
-from particle_vae.engine.presets import BENCHMARK_THETA_PRIOR, PRESETS
+from particle_vae.api import DEFAULT_MODEL, BenchmarkData, ParticleData, TrainRequest, ctf_provider
+from particle_vae.engine.presets import PRESETS
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
 
 log = logging.getLogger("particle_vae")
 
 BENCHMARKS = ("mnist-n", "mnist-u", "so2", "se2")
-#: the model ``--model`` picks when not given
-DEFAULT_MODEL = "target-vae"
+#: the CTF of the training likelihood (:func:`particle_vae.api.ctf_provider`), by its older name
+_ctf_provider = ctf_provider
 
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
@@ -91,15 +91,11 @@ def add_input_options(parser) -> None:
 
 def _preset_default(section: str, name: str, base) -> str:
     """``(default: BASE; presets: NAME VALUE, ...)`` for a setting that presets may change."""
-    set_by = [f"{preset} {_shown(values[section][name])}" for preset, values in sorted(PRESETS.items())
+    from particle_vae.models.base import shown_value
+
+    set_by = [f"{preset} {shown_value(values[section][name])}" for preset, values in sorted(PRESETS.items())
               if name in values.get(section, {})]
-    return f"(default: {_shown(base)}" + (f"; presets: {', '.join(set_by)})" if set_by else ")")
-
-
-def _shown(value) -> str:
-    if value is None:
-        return "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"(default: {shown_value(base)}" + (f"; presets: {', '.join(set_by)})" if set_by else ")")
 
 
 def _train_default(name: str) -> str:
@@ -254,81 +250,42 @@ class _ModelFirstParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _data_spec(args, preset: dict) -> dict:
+def _data(args) -> ParticleData | BenchmarkData:
+    """The training data that ``args`` name, with the preset's preprocessing under the options given."""
+    from particle_vae.api import preset_preprocessing
+
     if args.dataset:
         from particle_vae.data.mnist import resolve_mnist_dir
 
         if args.input is not None:
             raise ParticleVAEError("give either particles or --dataset, not both")
         mnist_dir = resolve_mnist_dir(args.mnist_dir, args.data_dir)
-        return {"kind": "benchmark", "benchmark": args.dataset, "mnist_dir": str(mnist_dir.resolve()), "split": "train",
-                "n": args.n, "seed": 0, "labels": args.labels}
+        return BenchmarkData(args.dataset, mnist_dir, n=args.n, labels=args.labels)
     if args.input is None:
         raise ParticleVAEError("no input: give a particle STAR/stack/list, or --dataset for a benchmark")
-    prep = dict(preset.get("preprocessing", {}))
-    for option, name in PREP_OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            prep[name] = value
-    spec = {"kind": "particles", "path": str(args.input.resolve()),
-            "datadir": None if args.stack_dir is None else str(args.stack_dir.resolve()),
-            "pixel_size": args.pixel_size, "preprocessing": prep, "label_column": args.label_column}
-    if args.cache is not None:
-        spec["cache"] = {"path": str(args.cache.expanduser().resolve()), "dtype": args.cache_dtype or "float16"}
-    elif args.cache_dtype is not None:
+    if args.cache is None and args.cache_dtype is not None:
         raise ParticleVAEError("--cache-dtype needs --cache PATH")
-    return spec
+    prep = preset_preprocessing(args.preset, {name: getattr(args, option) for option, name in PREP_OPTIONS.items()})
+    return ParticleData(args.input, stack_dir=args.stack_dir, pixel_size=args.pixel_size, preprocessing=prep,
+                        label_column=args.label_column, cache=args.cache, cache_dtype=args.cache_dtype or "float16")
 
 
-def _fit_box(spec: dict):
-    """Preset boxes larger than the input fall back to the input box.
-
-    Returns the opened particle source (``None`` for benchmarks) so the data
-    pipeline does not read every stack header a second time."""
-    if spec["kind"] != "particles":
-        return None
-    from particle_vae.data.particles import open_source
-    from particle_vae.data.preprocess import Preprocessing
-
-    source = open_source(spec["path"], datadir=spec["datadir"], pixel_size=spec["pixel_size"])
-    source.require_pixel_size()  # infer writes origins in Angstrom: stop now rather than after training
-    prep = spec["preprocessing"]
-    limit = prep.get("crop_box") or source.box
-    if prep.get("target_box") and prep["target_box"] >= limit:
-        prep.pop("target_box")
-    try:
-        Preprocessing(box=source.box, pixel_size=source.pixel_size, **prep)
-    except ValueError as error:
-        raise ParticleVAEError(f"invalid preprocessing for {source.box} px particles: {error}", source.path,
-                               "choose --crop-to, --downsample-to and --mask-radius inside the box") from None
-    return source
-
-
-def _model_settings(args, preset: dict, box: int, class_values: list | None = None) -> dict:
-    """The chosen model's config fields: its defaults, overridden by the preset's settings of the
-    same names, the benchmark's defaults, its options given in ``args``, and the data (box, labels).
-
-    The training ``--seed`` also seeds a model with a ``seed`` field."""
+def request(args: argparse.Namespace) -> TrainRequest:
+    """The :class:`particle_vae.api.TrainRequest` that ``args`` (this command's options, checked by
+    :func:`check_options`) describe: the preset's settings under the options given."""
+    from particle_vae.api import preset_model_settings, preset_train_settings
     from particle_vae.models import MODELS
 
-    cls = MODELS[args.model]
-    known = {item.name for item in fields(cls.config_class)}
-    preset_model = preset.get("model", {})
-    settings = {name: value for name, value in preset_model.items() if name in known}
-    for name, preset_name in cls.preset_fields.items():
-        if name in known and name not in settings and preset_name in preset_model:
-            settings[name] = preset_model[preset_name]
-    if args.dataset:
-        prior, std = BENCHMARK_THETA_PRIOR[args.dataset]
-        benchmark = {"theta_prior": prior} if std is None else {"theta_prior": prior, "theta_prior_std": std}
-        settings.update({name: value for name, value in benchmark.items() if name in known})
-        settings.setdefault("likelihood", "bernoulli")
-    settings.update(cls.settings_from_args(args))
-    if "seed" in known:
-        settings["seed"] = args.seed if args.seed is not None else 0
-    if class_values is not None and cls.supports_labels:
-        settings["n_classes"] = len(class_values)
-    return cls.complete_settings(settings, box)
+    if args.resume:
+        return TrainRequest(out=args.out, model=args.model, resume=True, preset=args.preset, resume_changes={
+            "epochs": args.epochs, "max_steps": args.max_steps, "compile": True if args.compile else None})
+    data = _data(args)
+    settings = preset_train_settings(args.preset, **{option: getattr(args, option) for option in TRAIN_OPTIONS},
+                                     bf16=args.bf16, precision=args.precision)
+    model_settings = preset_model_settings(args.model, args.preset, MODELS[args.model].settings_from_args(args),
+                                           benchmark=args.dataset, seed=args.seed)
+    return TrainRequest(out=args.out, data=data, model=args.model, model_settings=model_settings, settings=settings,
+                        ctf=bool(args.ctf), overwrite=args.overwrite, preset=args.preset)
 
 
 def _check_model_use(args: argparse.Namespace) -> None:
@@ -346,7 +303,24 @@ def _check_model_use(args: argparse.Namespace) -> None:
                                f"{', '.join(labelled) or 'none'})")
 
 
+def request_from_words(words) -> TrainRequest:
+    """The request of the command line ``particle-vae train WORDS`` (``words``: its options and input as
+    strings, e.g. ``["particles.star", "--preset", "tiny", "--zdim", "4", "--out", "run1"]``), checked as the
+    command checks them; for scripts that take train options as words. Launch options (``--gpus``) are
+    not acted on. An unknown option exits with status 2 (argparse); out-of-range values raise
+    :class:`~particle_vae.errors.ParticleVAEError`."""
+    from particle_vae.cli import build_parser
+
+    args = build_parser(only="train").parse_args(["train", *map(str, words)])
+    check_options(args)
+    _check_model_use(args)
+    return request(args)
+
+
 def main(args: argparse.Namespace) -> int:
+    """Train the run ``args`` describe (:func:`particle_vae.api.train`), or start this command again in
+    several processes (``--gpus``, ``--ddp-cpu-processes``); returns the exit code."""
+    from particle_vae import api
     from particle_vae.engine import distributed as ddp
 
     check_options(args)
@@ -357,52 +331,10 @@ def main(args: argparse.Namespace) -> int:
     if not context.is_main:  # one console log (rank 0's) for the run
         logging.getLogger("particle_vae").setLevel(logging.WARNING)
     try:
-        return _main(args, context)
+        api.train(request(args), context=context)
+        return 0
     finally:
         ddp.cleanup(context)
-
-
-def _main(args: argparse.Namespace, context) -> int:
-    from particle_vae.engine import distributed as ddp
-    from particle_vae.engine.trainer import TrainSettings
-
-    run = RunDirectory(args.out)
-    preset = PRESETS[args.preset] if args.preset else {}
-    source = None
-    if args.resume:
-        def read_config():
-            config = run.read_config()
-            run.require_checkpoint()
-            # settings a resumed run may change: more epochs or steps (extending a run), compiling the same computation
-            changes = {"epochs": args.epochs, "max_steps": args.max_steps, "compile": True if args.compile else None}
-            changes = {key: value for key, value in changes.items() if value is not None and value != config["train"].get(key)}
-            if changes:
-                config["train"].update(changes)
-                run.write_config(config)
-            return config
-
-        config = ddp.run_on_main(context, read_config)
-    else:
-        spec = _data_spec(args, preset)
-        source = _fit_box(spec)
-        train_settings = dict(preset.get("train", {}))
-        for option in TRAIN_OPTIONS:
-            if getattr(args, option) is not None:
-                train_settings[option] = getattr(args, option)
-        train_settings["bf16"] = args.bf16
-        if args.precision is not None:
-            train_settings["precision"] = args.precision
-        if train_settings.get("precision") == "bf16" and resolve_device(args.device or "auto").type == "cpu" and not cpu_has_fast_bf16():
-            log.warning("--precision bf16: this CPU has no bf16 matrix instructions (AVX512-BF16/AMX), bf16 will be slower than fp32")
-        config = {"data": spec, "train": vars(TrainSettings(**train_settings)), "ctf": bool(args.ctf)}
-        ddp.run_on_main(context, lambda: run.create(overwrite=args.overwrite))
-    handler = _attach_log(run, args.resume) if context.is_main else None
-    try:
-        return _train(args, run, preset, config, source, context)
-    finally:
-        if handler is not None:
-            logging.getLogger("particle_vae").removeHandler(handler)
-            handler.close()
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -412,86 +344,3 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.resume and RunDirectory(args.out).config_path.exists() and not args.overwrite:
         RunDirectory(args.out).create(overwrite=False)  # the one-line "already holds a training run" error
     return relaunch(args, args._launch_parser, "train")
-
-
-def _train(args, run: RunDirectory, preset: dict, config: dict, source=None, context=None) -> int:
-    from particle_vae.engine import distributed as ddp
-    from particle_vae.engine.data import prepare_data
-    from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
-    from particle_vae.models import build_model
-
-    context = context or ddp.SINGLE
-    if args.preset and not args.resume:
-        log.info("preset %s sets: %s", args.preset, {k: v for k, v in preset.items() if v})
-        from particle_vae.models import MODELS
-
-        fields_of_model = {item.name for item in fields(MODELS[args.model].config_class)}
-        taken = fields_of_model | set(MODELS[args.model].preset_fields.values())
-        left_out = [name for name in preset.get("model", {}) if name not in taken]
-        if left_out:
-            log.info("preset %s: model %s has no setting %s (left out)", args.preset, args.model, ", ".join(left_out))
-    settings = TrainSettings(**config["train"])
-    prepared = prepare_data(config["data"], source=source, num_workers=settings.num_workers, context=context)
-    for line in prepared.steps:
-        log.info("data: %s", line)
-    seed_everything(settings.seed)
-    if not args.resume:
-        try:
-            model = build_model({"model": args.model, **_model_settings(args, preset, prepared.box, prepared.class_values)})
-        except ValueError as error:
-            raise ParticleVAEError(f"invalid model settings: {error}") from None
-        config.update(model=model.config_dict(), pixel_size=prepared.pixel_size, box=prepared.box,
-                      class_values=prepared.class_values)
-    else:
-        model = build_model(config["model"])
-    log.info("model: %s", config["model"])
-    log.info("%d trainable parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
-    ctf_for = _ctf_provider(prepared, model) if config.get("ctf") else None
-    trainer = Trainer(model, prepared.dataset, settings, run, ctf_for=ctf_for, context=context)
-    if not args.resume:  # written once the trainer has accepted the settings, so a refused run leaves no config behind
-        ddp.run_on_main(context, lambda: run.write_config(config))
-    log.info("device %s%s; %d training and %d validation images", trainer.device,
-             f" x {context.world_size} processes ({context.backend}), {settings.batch_size // context.world_size} images per "
-             f"process and step" if context.distributed else "", len(trainer.train_idx), len(trainer.val_idx))
-    if args.resume:
-        trainer.resume()
-    try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        log.warning("interrupted; the last finished epoch is saved: continue with  particle-vae train --out %s --resume", run.path)
-        raise
-    log.info("run written to %s", run.path)
-    return 0
-
-
-def _ctf_provider(prepared, model):
-    """index (B,) -> CTF (B, N, N//2+1) at the model's box and pixel size, squared for
-    CTF-premultiplied particles (the factor the model's projection is multiplied by)."""
-    from particle_vae.data.ctf import effective_ctf
-
-    if prepared.source is None or prepared.source.star is None:
-        raise ParticleVAEError("--ctf needs a particle STAR file with CTF columns")
-    if model.config.likelihood != "gaussian":
-        raise ParticleVAEError("--ctf needs the Gaussian likelihood (--likelihood gaussian)")
-    if prepared.pixel_size is None:
-        raise ParticleVAEError("--ctf needs the pixel size: pass --pixel-size")
-    table = prepared.source.star.ctf_parameters()
-    box, apix = prepared.box, prepared.pixel_size
-    premultiplied = int(table["premultiplied"].sum())
-    if premultiplied:
-        log.info("%d of %d particles are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied = 1): the likelihood "
-                 "multiplies their projections by the CTF squared", premultiplied, len(table))
-
-    def ctf_for(index):
-        return effective_ctf(table.iloc[index.numpy()], box, apix)
-
-    return ctf_for
-
-
-def _attach_log(run: RunDirectory, resume: bool) -> logging.Handler:
-    run.path.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.log_path, mode="a" if resume else "w", encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("particle_vae").addHandler(handler)
-    return handler

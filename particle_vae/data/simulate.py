@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -757,8 +758,10 @@ def run_simulation(
 
     began = time.perf_counter()
     validate_config(config)
-    project = project_folder(project_dir)
     out_dir = Path(out_dir)
+    if project_dir is not None and os.path.abspath(Path(project_dir).expanduser()) == os.path.abspath(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)  # the output folder as the project folder: it is about to exist
+    project = project_folder(project_dir)
     inputs = tuple(s.path for s in config.structures) + ((config.defocus_star,) if config.defocus_star else ())
     names = ["particles.mrcs", "particles.star", "simulation.json"] + (["clean.mrcs", "centred.mrcs"] if config.write_clean else [])
     files = {name: out_dir / name for name in names}

@@ -4,8 +4,8 @@ Nothing is downloaded and no reference data is needed: the three densities
 are drawn here from Gaussian blobs (a compact ball, a ring and a rod), the
 project's simulator projects them with random 3D orientations, in-plane shifts,
 CTF and noise, the ``tiny`` preset is trained for a few epochs on CPU, and the
-latents are written and clustered exactly as ``particle-vae infer`` and
-``particle-vae analyze`` do. The finished run is cached (see
+latents are written and clustered through :mod:`particle_vae.api`, exactly as
+``particle-vae infer`` (``--no-refine``) and ``particle-vae analyze`` do. The finished run is cached (see
 :func:`sample_cache_dir`), so only the first click takes time (about half a
 minute on a laptop CPU).
 
@@ -99,9 +99,8 @@ def make_sample_run(out_dir: str | Path, n: int = 400, epochs: int = 4, box: int
     Raises:
         particle_vae.errors.ParticleVAEError: a step failed for a reason a user can fix.
     """
-    from particle_vae.cli import build_parser
-    from particle_vae.data.simulate import SimulationConfig, StructureSpec, run_simulation, validate_config
-    from particle_vae.engine.inference import infer_run
+    from particle_vae import api
+    from particle_vae.data.simulate import SimulationConfig, StructureSpec, validate_config
 
     out_dir = Path(out_dir)
     result = out_dir / SAMPLE_STAR
@@ -123,32 +122,22 @@ def make_sample_run(out_dir: str | Path, n: int = 400, epochs: int = 4, box: int
     )
     validate_config(config)
     # the sample folder is its own project folder: its STARs name the stacks relative to it, wherever napari runs
-    run_simulation(config, out_dir / "data", overwrite=True, progress=False, densities=densities, project_dir=out_dir)
+    simulated = api.simulate(api.SimulateRequest(config, out_dir / "data", overwrite=True, progress=False,
+                                                 project_dir=out_dir, densities=densities))
 
     report(f"training the tiny TARGET-VAE for {epochs} epochs", 1)
-    parser = build_parser()
-    _run_command(parser, ["train", str(out_dir / "data" / "particles.star"), "--preset", "tiny", "--epochs", str(int(epochs)),
-                          "--seed", str(int(seed)), "--device", "cpu", "--out", str(out_dir / "run"), "--overwrite"])
+    trained = api.train(api.TrainRequest.from_preset("tiny", out_dir / "run", api.ParticleData(simulated.star),
+                                                     epochs=int(epochs), seed=int(seed), device="cpu", overwrite=True))
 
     report("writing poses and latents (infer)", 2)
-    infer_run(out_dir / "run", out_dir / "particles_vae.star", device="cpu", overwrite=True, project_dir=out_dir)
+    inferred = api.infer(api.InferRequest(trained.run, out_dir / "particles_vae.star", device="cpu", refine=None,
+                                          project_dir=out_dir, overwrite=True))
 
     report(f"clustering the latents into {k} classes (analyze)", 3)
-    _run_command(parser, ["analyze", str(out_dir / "particles_vae.star"), "--run", str(out_dir / "run"), "--k", str(int(k)),
-                          "--seed", str(int(seed)), "--no-images", "--project-dir", str(out_dir), "--out", str(out_dir / "analysis"),
-                          "--overwrite"])
+    api.analyze(api.AnalyzeRequest(inferred.star, out_dir / "analysis", run=trained.run, k=int(k), seed=int(seed),
+                                   images=False, project_dir=out_dir, overwrite=True))
     report("done", 4)
     return result
-
-
-def _run_command(parser, argv: list[str]) -> None:
-    """Run a ``particle-vae`` sub-command in this process without touching the logging set-up."""
-    from particle_vae.errors import ParticleVAEError
-
-    args = parser.parse_args(argv)
-    status = args._handler(args)
-    if status not in (None, 0):
-        raise ParticleVAEError(f"particle-vae {' '.join(argv[:1])} returned exit status {status}")
 
 
 def make_sample_data():
