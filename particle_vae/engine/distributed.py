@@ -241,7 +241,7 @@ class LossModule(nn.Module):
     sampled filter bases (hundreds of MB) and the non-persistent buffers are
     rebuilt from the config, the same on every rank. So the model is not a
     submodule here; this module registers the model's parameters and its own
-    persistent buffers (:func:`~particle_vae.models.base.learnable_state`, e.g.
+    persistent buffers (:func:`~particle_vae.models.base.learnable_names`, e.g.
     EquiVAE's class-mean bank), the same tensor objects, under ``tensors``. DDP
     writes its broadcasts into those tensors in place, so the model sees them.
     The model must therefore be on its device before it is wrapped, and must
@@ -256,7 +256,7 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module):
-        from particle_vae.models.base import learnable_state
+        from particle_vae.models.base import learnable_names
 
         super().__init__()
         self._model = (model,)  # in a tuple, so that nn.Module does not register it as a submodule
@@ -264,7 +264,7 @@ class LossModule(nn.Module):
         parameters = dict(model.named_parameters())
         for name, parameter in parameters.items():
             self.tensors.register_parameter(name.replace(".", "/"), parameter)
-        for name in learnable_state(model):
+        for name in learnable_names(model):
             if name not in parameters:
                 self.tensors.register_buffer(name.replace(".", "/"), model.get_buffer(name))
 

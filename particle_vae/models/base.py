@@ -370,6 +370,11 @@ def _learnable_items(model: nn.Module):
             yield name, value
 
 
+def learnable_names(model: nn.Module) -> list[str]:
+    """The names :func:`learnable_state` saves (parameters and the model's own persistent buffers), without copying."""
+    return [name for name, _ in _learnable_items(model)]
+
+
 def learnable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters plus the model's own small buffers, without e2cnn's sampled
     filter bases (hundreds of MB, rebuilt from the config on load)."""
@@ -382,7 +387,7 @@ def load_learnable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     e2cnn layers cache their expanded filters in eval mode, so the model is
     cycled through train mode to rebuild them from the loaded weights.
     """
-    names = {name for name, _ in _learnable_items(model)}
+    names = set(learnable_names(model))
     derived = {name for name, _ in model.named_buffers()} - names  # rebuilt from the config (older files saved them)
     state = {name: value for name, value in state.items() if name not in derived}
     missing, unexpected = names - set(state), set(state) - names
