@@ -45,7 +45,7 @@ from particle_vae.io.star import ParticleStar
 
 log = logging.getLogger("cryoem_snr")
 
-PRESETS = {
+RUN_SIZES = {
     "quick": {"snrs": [10.0, 1.0, 0.1], "n": 1200, "epochs": 6, "train": ["--batch-size", "16"]},
     "paper": {"snrs": [1.0, 0.1, 0.03], "n": 10000, "epochs": 50, "train": ["--batch-size", "64"]},
 }
@@ -92,7 +92,7 @@ def score(sim: Path, out: Path) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=sorted(RUN_SIZES), default="quick")
     parser.add_argument("--data-dir", type=Path, help="reference-data folder holding structures/ (or $PARTICLE_VAE_DATA)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for handler in set(logging.getLogger().handlers) - earlier:  # the steps' own lines only from WARNING up (as particle-vae -q)
         handler.addFilter(lambda record: record.levelno >= logging.WARNING or not record.name.startswith("particle_vae"))
-    preset = PRESETS[args.preset]
+    preset = RUN_SIZES[args.preset]
     snrs = args.snrs or preset["snrs"]
     n = args.n or preset["n"]
     epochs = args.epochs or preset["epochs"]

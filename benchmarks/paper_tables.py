@@ -60,7 +60,7 @@ from particle_vae.data.mnist import load_mnist, resolve_mnist_dir  # noqa: E402
 log = logging.getLogger("paper_tables")
 
 #: Training and model sizes of each preset (every key is also a command-line override).
-PRESETS: dict[str, dict] = {
+RUN_SIZES: dict[str, dict] = {
     "quick": {"n_train": 2000, "n_test": 500, "epochs": 4, "batch_size": 64, "lr": 1e-3, "fields": 8, "kernel": 28,
               "padding": 8, "gen_hidden": 64, "fourier": 32, "vae_hidden": 256, "rotations": 160,
               "rotation_images": 200},
@@ -151,17 +151,17 @@ def markdown(table: int, rows: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=int, choices=(1, 2, 3, 4), required=True)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=sorted(RUN_SIZES), default="quick")
     parser.add_argument("--data-dir", type=Path, help="reference-data folder holding mnist/ (or $PARTICLE_VAE_DATA)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON (the markdown table goes beside it, .md)")
     parser.add_argument("--work", type=Path, help="folder for the run directories (default: OUT without suffix)")
     parser.add_argument("--rows", help="comma-separated subset of the table's rows (default all)")
-    for key, value in PRESETS["quick"].items():
+    for key, value in RUN_SIZES["quick"].items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), help=f"override the preset's {key}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    preset = dict(PRESETS[args.preset])
+    preset = dict(RUN_SIZES[args.preset])
     if args.preset == "quick":
         preset.update(QUICK_PER_TABLE[args.table])
     for key, value in preset.items():

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from particle_vae.engine.presets import PRESETS
+from particle_vae.engine.presets import TRAINING_PRESETS
 from particle_vae.errors import ParticleVAEError
 
 if TYPE_CHECKING:  # imported where used: importing this module stays cheap
@@ -282,7 +282,7 @@ class TrainResult:
 
 def preset_preprocessing(preset: str | None, given: dict | None = None) -> dict:
     """Preset ``preset``'s preprocessing settings with ``given`` (``None`` values ignored) overriding them."""
-    prep = dict(PRESETS[preset].get("preprocessing", {})) if preset else {}
+    prep = dict(TRAINING_PRESETS[preset].get("preprocessing", {})) if preset else {}
     for name, value in (given or {}).items():
         if value is not None:
             prep[name] = value
@@ -292,7 +292,7 @@ def preset_preprocessing(preset: str | None, given: dict | None = None) -> dict:
 def preset_train_settings(preset: str | None, **given) -> TrainSettings:
     """Preset ``preset``'s training settings with ``given`` :class:`TrainSettings` fields (``None``
     values ignored) overriding them; the trainer's defaults for the rest."""
-    values = dict(PRESETS[preset].get("train", {})) if preset else {}
+    values = dict(TRAINING_PRESETS[preset].get("train", {})) if preset else {}
     values.update({name: value for name, value in given.items() if value is not None})
     try:
         return _train_settings(**values)
@@ -313,7 +313,7 @@ def preset_model_settings(model: str, preset: str | None, given: dict | None = N
         raise ParticleVAEError(f"unknown model {model!r}; models: {', '.join(sorted(MODELS))}")
     cls = MODELS[model]
     known = {item.name for item in dataclasses.fields(cls.config_class)}
-    preset_model = PRESETS[preset].get("model", {}) if preset else {}
+    preset_model = TRAINING_PRESETS[preset].get("model", {}) if preset else {}
     settings = {name: value for name, value in preset_model.items() if name in known}
     for name, preset_name in cls.preset_fields.items():
         if name in known and name not in settings and preset_name in preset_model:
@@ -360,7 +360,7 @@ def _train(request: TrainRequest, context) -> TrainResult:
     from particle_vae.engine.run import RunDirectory
 
     run = RunDirectory(request.out)
-    preset = PRESETS[request.preset] if request.preset else {}
+    preset = TRAINING_PRESETS[request.preset] if request.preset else {}
     source = None
     if request.resume:
         def read_config():

@@ -114,7 +114,7 @@ def test_help_parsing_sees_flags_values_and_required_options(capsys, monkeypatch
 
 
 def test_train_options_show_the_training_defaults_and_presets(capsys, monkeypatch):
-    from particle_vae.engine.presets import PRESETS
+    from particle_vae.engine.presets import TRAINING_PRESETS
     from particle_vae.engine.trainer import TrainSettings
 
     shown = {key: text for key, (_, _, text) in listed_arguments(help_text("train", capsys, monkeypatch)).items()}
@@ -123,8 +123,8 @@ def test_train_options_show_the_training_defaults_and_presets(capsys, monkeypatc
         option = "--workers" if dest == "num_workers" else "--" + dest.replace("_", "-")
         value = getattr(defaults, dest)
         assert f"(default: {value:g}" in shown[option], (option, shown[option])
-    assert f"tiny {PRESETS['tiny']['train']['batch_size']}" in shown["--batch-size"]
-    assert f"tiny {PRESETS['tiny']['train']['lr']:g}" in shown["--lr"]
+    assert f"tiny {TRAINING_PRESETS['tiny']['train']['batch_size']}" in shown["--batch-size"]
+    assert f"tiny {TRAINING_PRESETS['tiny']['train']['lr']:g}" in shown["--lr"]
 
 
 # --------------------------------------------------------------------------- --stack-dir

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from particle_vae.engine.presets import PAPER_TRAINING, PRESETS
+from particle_vae.engine.presets import PAPER_TRAINING, TRAINING_PRESETS
 from particle_vae.engine.trainer import TrainSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
@@ -27,22 +27,22 @@ def test_trainer_defaults_are_the_papers():
 
 @pytest.mark.parametrize("name", ["mnist", "particles"])
 def test_paper_presets_set_the_papers_training_themselves(name):
-    assert PRESETS[name]["train"] == PAPER_TRAINING
-    TrainSettings(**PRESETS[name]["train"])  # every key is a training setting
+    assert TRAINING_PRESETS[name]["train"] == PAPER_TRAINING
+    TrainSettings(**TRAINING_PRESETS[name]["train"])  # every key is a training setting
 
 
 def test_tiny_preset_sets_all_its_training_values():
     # the fast preset must not inherit the paper's 500 epochs and long patience through the defaults
-    assert set(PRESETS["tiny"]["train"]) >= {"epochs", "batch_size", "lr", "lr_patience", "early_stop_patience"}
-    TrainSettings(**PRESETS["tiny"]["train"])
+    assert set(TRAINING_PRESETS["tiny"]["train"]) >= {"epochs", "batch_size", "lr", "lr_patience", "early_stop_patience"}
+    TrainSettings(**TRAINING_PRESETS["tiny"]["train"])
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(TRAINING_PRESETS))
 def test_docs_list_every_preset_value(name):
     """Each setting of each preset has a row in the per-value table of docs/training.md."""
     text = DOCS.read_text(encoding="utf-8")
     section = text[text.index(f"#### `{name}` preset"):]
     section = section[:section.index("\n#", 1)]
     for group in ("model", "preprocessing", "train"):
-        for setting in PRESETS[name].get(group, {}):
+        for setting in TRAINING_PRESETS[name].get(group, {}):
             assert f"| `{setting}` |" in section, (name, setting)

@@ -23,12 +23,12 @@ log = logging.getLogger("particle_vae")
 def add_args(parser: argparse.ArgumentParser) -> None:
     from particle_vae.commands.train import add_input_options
     from particle_vae.data.cache import CACHE_DTYPES
-    from particle_vae.engine.presets import PRESETS
+    from particle_vae.engine.presets import TRAINING_PRESETS
 
     parser.add_argument("input", type=Path, help="particle .star, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="the cache stack to write (e.g. particles_cache.mrcs; a .json goes beside it)")
     parser.add_argument("--dtype", choices=sorted(CACHE_DTYPES), default="float16", help="stored values")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="take the preprocessing of this training preset (default: none)")
+    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS), help="take the preprocessing of this training preset (default: none)")
     add_input_options(parser)
     parser.add_argument("--batch-size", type=int, default=512, help="particles read and written at once")
     parser.add_argument("--workers", type=int, default=0, help="reader processes, 0: read in the main process")
@@ -38,9 +38,9 @@ def main(args: argparse.Namespace) -> int:
     from particle_vae.commands.train import PREP_OPTIONS
     from particle_vae.data.cache import ensure_cache
     from particle_vae.data.particles import open_source
-    from particle_vae.engine.presets import PRESETS
+    from particle_vae.engine.presets import TRAINING_PRESETS
 
-    preset = PRESETS[args.preset] if args.preset else {}
+    preset = TRAINING_PRESETS[args.preset] if args.preset else {}
     prep = dict(preset.get("preprocessing", {}))
     for option, name in PREP_OPTIONS.items():
         value = getattr(args, option)

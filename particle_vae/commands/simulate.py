@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from particle_vae.data.simulate import PRESETS, SHIFT_DISTRIBUTIONS, SNR_MODES, VIEWS, preset_config
+from particle_vae.data.simulate import SHIFT_DISTRIBUTIONS, SIMULATION_PRESETS, SNR_MODES, VIEWS, preset_config
 
 
 def _snr(text: str) -> float:
@@ -36,7 +36,7 @@ def _snr(text: str) -> float:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the ``simulate`` options on ``parser``."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="t20s", help="simulation preset")
+    parser.add_argument("--preset", choices=sorted(SIMULATION_PRESETS), default="t20s", help="simulation preset")
     parser.add_argument("--n", type=int, required=True, help="number of particles")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--snr", type=_snr, default=0.1,

@@ -29,7 +29,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from particle_vae.api import DEFAULT_MODEL, BenchmarkData, ParticleData, TrainRequest, ctf_provider
-from particle_vae.engine.presets import PRESETS
+from particle_vae.engine.presets import TRAINING_PRESETS
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
 
@@ -93,7 +93,7 @@ def _preset_default(section: str, name: str, base) -> str:
     """``(default: BASE; presets: NAME VALUE, ...)`` for a setting that presets may change."""
     from particle_vae.models.base import shown_value
 
-    set_by = [f"{preset} {shown_value(values[section][name])}" for preset, values in sorted(PRESETS.items())
+    set_by = [f"{preset} {shown_value(values[section][name])}" for preset, values in sorted(TRAINING_PRESETS.items())
               if name in values.get(section, {})]
     return f"(default: {shown_value(base)}" + (f"; presets: {', '.join(set_by)})" if set_by else ")")
 
@@ -116,7 +116,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="particle .star, cryoSPARC particle .cs, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
     parser.add_argument("--dataset", choices=BENCHMARKS, help="train on a paper benchmark instead of particles (default: none)")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
+    parser.add_argument("--preset", choices=sorted(TRAINING_PRESETS),
                         help="named settings, logged at the start; options override them (default: none, "
                              "the models' own defaults)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -195,7 +195,7 @@ def use_model_options(parser: argparse.ArgumentParser, name: str) -> None:
             parser._option_string_actions.pop(flag, None)
     cls = MODELS[name]
     group.title = f"model {name} (options of this model; each overrides the preset, the preset the model's default)"
-    cls.add_options(group, {preset: values.get("model", {}) for preset, values in PRESETS.items()})
+    cls.add_options(group, {preset: values.get("model", {}) for preset, values in TRAINING_PRESETS.items()})
     parser.model_options_of = name
 
 

@@ -69,7 +69,7 @@ __all__ = [
     "VIEWS",
     "SHIFT_DISTRIBUTIONS",
     "SNR_MODES",
-    "PRESETS",
+    "SIMULATION_PRESETS",
     "StructureSpec",
     "SimulationConfig",
     "ParticleParameters",
@@ -100,7 +100,7 @@ SNR_PILOT = 256
 EMPIAR10025_CTF = "cryoem/empiar10025_metadata/ctf_params.star"
 
 #: Preset settings; structure files are relative to ``<data root>/structures``.
-PRESETS: dict[str, dict] = {
+SIMULATION_PRESETS: dict[str, dict] = {
     "t20s": {
         "description": "EMPIAR-10025-like T20S proteasome (PDB 3J9I), 64 px at 4 A",
         "structures": [("t20s", "t20s_3j9i.pdb", True)],
@@ -476,7 +476,7 @@ def preset_config(
     defocus_star: str | Path | None = None,
     **overrides,
 ) -> SimulationConfig:
-    """Build the configuration of a preset (see :data:`PRESETS`), with overrides.
+    """Build the configuration of a preset (see :data:`SIMULATION_PRESETS`), with overrides.
 
     Structure files are looked up in ``<data root>/structures`` (``data_dir``
     or ``$PARTICLE_VAE_DATA``) unless ``structures`` lists the files (one
@@ -497,9 +497,9 @@ def preset_config(
     """
     from particle_vae.io.paths import data_root
 
-    if preset not in PRESETS:
-        raise _settings_error(f"unknown preset '{preset}'", f"choose one of {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
+    if preset not in SIMULATION_PRESETS:
+        raise _settings_error(f"unknown preset '{preset}'", f"choose one of {', '.join(SIMULATION_PRESETS)}")
+    spec = SIMULATION_PRESETS[preset]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(overrides) - set(SimulationConfig.__dataclass_fields__)
     if unknown:

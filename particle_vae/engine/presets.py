@@ -14,7 +14,7 @@ import math
 PAPER_TRAINING: dict = {"epochs": 500, "batch_size": 100, "lr": 2e-4, "lr_patience": 10, "early_stop_patience": 20,
                         "val_fraction": 0.1}
 
-PRESETS: dict[str, dict] = {
+TRAINING_PRESETS: dict[str, dict] = {
     # TARGET-VAE paper, MNIST(N)/(U): 50x50, 128 fields, kernel 28, padding 8, 1x1 layers shared
     # across rotation channels (the authors' encoder), 2 x 512 generator with 1024 Fourier
     # features (512 frequencies, a cosine and a sine each), p(t) std 5 px; theta prior normal
