@@ -530,7 +530,7 @@ class InferRequest:
         stack_dir: folder the STAR's ``rlnImageName`` is relative to (default: the STAR's folder).
         pixel_size: Angstrom per input pixel (default: the STAR's, else the stack header's).
         precision: ``fp32``, or ``bf16`` autocast (latents to about 3 significant digits).
-        center: write origins that centre each particle (else the model's own origins).
+        centre: write origins that centre each particle (else the model's own origins).
         refine: pose refinement by likelihood search against class references
             (:class:`~particle_vae.engine.refine.RefineSettings`; its ``device`` ``auto`` follows
             ``device``); ``None``: write the model's own poses.
@@ -553,7 +553,7 @@ class InferRequest:
     stack_dir: Path | None = None
     pixel_size: float | None = None
     precision: str = "fp32"
-    center: bool = True
+    centre: bool = True
     refine: RefineSettings | None = field(default_factory=_auto_refine)
     refine_classes: int = 20
     refine_box: int = 128
@@ -609,7 +609,7 @@ def infer(request: InferRequest, context=None) -> InferResult:
         star, npz = infer_run(request.run, request.out, particles=request.particles, checkpoint=request.checkpoint,
                               batch_size=request.batch_size, device=request.device, num_workers=request.workers,
                               datadir=request.stack_dir, pixel_size=request.pixel_size, overwrite=request.overwrite,
-                              context=context, bf16=request.precision == "bf16", center=request.center, refine=refine,
+                              context=context, bf16=request.precision == "bf16", centre=request.centre, refine=refine,
                               refine_classes=request.refine_classes, refine_box=request.refine_box,
                               project_dir=request.project_dir, poses_to_relion_columns=request.poses_to_relion_columns)
 
@@ -648,7 +648,7 @@ class AnalyzeRequest:
         traversal_steps: values per traversed dimension (at least 2).
         normalize: per-image normalisation of raw particles when no run is given.
         images: read particle images (class averages, gallery).
-        center: centre each class average on its centre of mass (and the particles' origins to match).
+        centre: centre each class average on its centre of mass (and the particles' origins to match).
         stack_dir: folder the STAR's ``rlnImageName`` is relative to (default: the STAR's folder).
         project_dir: the folder RELION runs in, which the outputs' ``rlnImageName`` is written
             relative to (default: the current folder).
@@ -672,7 +672,7 @@ class AnalyzeRequest:
     traversal_steps: int = 7
     normalize: str = "background"
     images: bool = True
-    center: bool = True
+    centre: bool = True
     stack_dir: Path | None = None
     project_dir: Path | None = None
     pixel_size: float | None = None

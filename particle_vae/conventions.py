@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "box_center",
+    "box_centre",
     "grid_half_width",
     "pixel_grid",
     "normalized_grid",
@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 
-def box_center(box: int) -> int:
+def box_centre(box: int) -> int:
     """Index of the centre pixel of a box of ``box`` pixels (``box // 2``)."""
     return int(box) // 2
 
@@ -84,7 +84,7 @@ def pixel_grid(box: int, device=None, dtype=torch.float32) -> torch.Tensor:
         ``(box, box, 2)`` tensor, ``grid[row, col] = (x, y) = (col - c, row - c)``
         in pixels, with ``c = box // 2``.
     """
-    axis = torch.arange(box, device=device, dtype=dtype) - box_center(box)
+    axis = torch.arange(box, device=device, dtype=dtype) - box_centre(box)
     y, x = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([x, y], dim=-1)
 
@@ -175,7 +175,7 @@ def warp_images(
     grid = pixel_grid(height, x.device, work_dtype)
     coords = transform_coordinates(grid, theta, t)  # (B, H, W, 2) pixels from centre
     # grid_sample with align_corners=True maps -1 -> index 0 and +1 -> index N-1.
-    index = coords + box_center(height)
+    index = coords + box_centre(height)
     sample = index * (2.0 / max(height - 1, 1)) - 1.0
     out = F.grid_sample(x.to(work_dtype), sample, mode=mode, padding_mode="zeros", align_corners=True)
     out = out.to(images.dtype)

@@ -22,7 +22,7 @@ def gaussian_blob(box: int, centre=(0.0, 0.0), sigma=(3.0, 1.5), angle=0.0) -> t
 
 
 def test_box_centre_follows_relion():
-    assert cv.box_center(64) == 32 and cv.box_center(65) == 32
+    assert cv.box_centre(64) == 32 and cv.box_centre(65) == 32
     grid = cv.pixel_grid(5)
     assert grid[2, 2].tolist() == [0.0, 0.0]
     assert grid[0, 4].tolist() == [2.0, -2.0]  # row 0 is y = -2, col 4 is x = +2

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import (
     Preprocessing,
-    center_crop,
+    centre_crop,
     circular_mask,
     fourier_crop,
     normalize_background,
@@ -50,17 +50,17 @@ def noisy_particles(batch: int = 6, box: int = 48, seed: int = 0) -> torch.Tenso
 
 
 @pytest.mark.parametrize("box,new_box", [(64, 32), (65, 33), (64, 33), (65, 32), (10, 1)])
-def test_center_crop_keeps_centre_pixel(box: int, new_box: int):
+def test_centre_crop_keeps_centre_pixel(box: int, new_box: int):
     image = torch.zeros(2, 1, box, box)
     image[..., box // 2, box // 2] = 1.0
-    cropped = center_crop(image, new_box)
+    cropped = centre_crop(image, new_box)
     assert cropped.shape == (2, 1, new_box, new_box)
     assert cropped[0, 0, new_box // 2, new_box // 2] == 1.0 and cropped.sum() == 2.0
     start = box // 2 - new_box // 2
     ramp = torch.arange(box * box, dtype=torch.float32).reshape(box, box)
-    assert torch.equal(center_crop(ramp, new_box), ramp[start:start + new_box, start:start + new_box])
+    assert torch.equal(centre_crop(ramp, new_box), ramp[start:start + new_box, start:start + new_box])
     with pytest.raises(ValueError):
-        center_crop(image, box + 1)
+        centre_crop(image, box + 1)
 
 
 @pytest.mark.parametrize("box,new_box", [(64, 32), (64, 48), (65, 33), (65, 32), (128, 40)])
@@ -83,7 +83,7 @@ def test_preprocessing_crop_then_downsample_and_pixel_size():
     assert (prep.cropped_box, prep.output_box, prep.scale, prep.output_pixel_size) == (48, 24, 2.0, 3.0)
     out = prep(images)
     assert out.shape == (4, 1, 24, 24)
-    torch.testing.assert_close(out, fourier_crop(center_crop(images, 48), 24))
+    torch.testing.assert_close(out, fourier_crop(centre_crop(images, 48), 24))
     assert prep(images[:, 0]).shape == (4, 24, 24)
     lines = prep.describe()
     assert lines[0] == "input: 64x64 px, 1.5 A/px" and lines[-1] == "output: 24x24 px, 3 A/px"

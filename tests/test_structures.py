@@ -105,7 +105,7 @@ def test_density_centre_of_mass_is_the_box_centre_and_mass_is_kept(structures_di
     for box in (48, 49):
         volume = S.atoms_to_density(model.coords, model.weights, box, 5.5)
         assert volume.shape == (box, box, box) and volume.dtype == np.float32
-        np.testing.assert_allclose(S.center_of_mass(volume, positive_only=False), [box // 2] * 3, atol=0.02)
+        np.testing.assert_allclose(S.centre_of_mass(volume, positive_only=False), [box // 2] * 3, atol=0.02)
         assert volume.sum() == pytest.approx(model.weights.sum(), rel=1e-4)
 
 
@@ -115,7 +115,7 @@ def test_single_atom_blur_has_the_resolution_sigma(frac):
     # adds f (1 - f) to the variance, and the Gaussian is narrowed by the mean splat variance 1/6.
     box, apix, resolution = 40, 1.0, 2.0 * math.pi * math.sqrt(2)  # sigma = 2 px
     coords = np.array([[frac, frac, frac]])
-    volume = S.atoms_to_density(coords, np.array([6.0]), box, apix, resolution, center=False).astype(np.float64)
+    volume = S.atoms_to_density(coords, np.array([6.0]), box, apix, resolution, centre=False).astype(np.float64)
     idx = np.arange(box) - box // 2
     profile = volume.sum(axis=(0, 1))  # along x
     mean = (profile * idx).sum() / profile.sum()
@@ -166,7 +166,7 @@ def test_map_resampling_keeps_physical_position_and_width(tmp_path, voxel, pixel
     volume = S.load_density(path, pixel, box)
     assert volume.shape == (box, box, box)
     expected = box // 2 + offset_vox * voxel / pixel
-    np.testing.assert_allclose(S.center_of_mass(volume), expected, atol=0.02)
+    np.testing.assert_allclose(S.centre_of_mass(volume), expected, atol=0.02)
     profile = np.clip(volume, 0, None).astype(np.float64).sum(axis=(0, 1))
     idx = np.arange(box)
     mean = (profile * idx).sum() / profile.sum()
@@ -182,11 +182,11 @@ def test_experimental_map_loads_and_recentres(structures_dir):
     raw, _ = __import__("particle_vae.io.mrc", fromlist=["read_map"]).read_map(path)
     np.testing.assert_allclose(same, raw, atol=1e-4 * float(np.abs(raw).max()))
     half = S.load_density(path, 5.4, 50)
-    com_raw = (S.center_of_mass(raw) - 50) * 2.7
-    com_half = (S.center_of_mass(half) - 25) * 5.4
+    com_raw = (S.centre_of_mass(raw) - 50) * 2.7
+    com_half = (S.centre_of_mass(half) - 25) * 5.4
     np.testing.assert_allclose(com_half, com_raw, atol=0.5)
-    centred = S.load_density(structures_dir / "t20s_3j9i_5A.mrc", 5.0, 75, center=True)
-    np.testing.assert_allclose(S.center_of_mass(centred), [37, 37, 37], atol=0.05)
+    centred = S.load_density(structures_dir / "t20s_3j9i_5A.mrc", 5.0, 75, centre=True)
+    np.testing.assert_allclose(S.centre_of_mass(centred), [37, 37, 37], atol=0.05)
 
 
 def test_load_density_from_pdb_expands_the_assembly(structures_dir):

@@ -261,7 +261,7 @@ def cluster(request, star, star_path: Path, z: np.ndarray) -> Clusters:
 
 def class_images(request, star, star_path: Path, clusters: Clusters, model, config) -> ClassImages:
     """Read the particles (with the run's preprocessing when ``config`` is given), average them per
-    class with their written pose undone, and centre the averages (unless ``request.center`` is false)."""
+    class with their written pose undone, and centre the averages (unless ``request.centre`` is false)."""
     from particle_vae.analysis import averages as avg
 
     n, k, labels = len(clusters.labels), clusters.k, clusters.labels
@@ -284,7 +284,7 @@ def class_images(request, star, star_path: Path, clusters: Clusters, model, conf
     averages = avg.class_averages(prepared.dataset, labels, k, poses, image_pixel_size, batch_size=request.batch_size,
                                   gallery_size=request.gallery)
     centre_shifts = recentred = None
-    if averages.aligned and request.center:
+    if averages.aligned and request.centre:
         centre_shifts = avg.centre_averages(averages)
         recentred = avg.recentred_origins(poses[0], poses[1], labels, centre_shifts, image_pixel_size)
         log.info("centred the class averages: moved by %s px (x, y); particle origins changed to match",

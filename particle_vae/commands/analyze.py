@@ -117,7 +117,7 @@ def request(args: argparse.Namespace):
         star=star, out=args.out, run=run, checkpoint=args.checkpoint, method=args.method, classes_from=args.classes_from,
         k=args.k, k_range=None if args.k_range is None else tuple(args.k_range), seed=args.seed, tsne=args.tsne,
         gallery=args.gallery, traverse=args.traverse, traversal_steps=args.traversal_steps, normalize=args.normalize,
-        images=not args.no_images, center=not args.no_center, stack_dir=args.stack_dir, project_dir=args.project_dir,
+        images=not args.no_images, centre=not args.no_center, stack_dir=args.stack_dir, project_dir=args.project_dir,
         pixel_size=args.pixel_size, batch_size=args.batch_size, overwrite=args.overwrite)
 
 

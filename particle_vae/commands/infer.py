@@ -94,7 +94,7 @@ def request(args: argparse.Namespace):
     return InferRequest(
         run=args.run, out=args.out, particles=args.particles, checkpoint=args.checkpoint, batch_size=args.batch_size,
         device=args.device, workers=args.workers, stack_dir=args.stack_dir, pixel_size=args.pixel_size,
-        precision=args.precision, center=not args.no_center, refine=refine, refine_classes=args.refine_classes,
+        precision=args.precision, centre=not args.no_center, refine=refine, refine_classes=args.refine_classes,
         refine_box=args.refine_box, poses_to_relion_columns=args.poses_to_relion_columns, project_dir=args.project_dir,
         overwrite=args.overwrite)
 

@@ -38,7 +38,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from particle_vae.conventions import box_center, move_objects, object_pose_to_model, object_pose_to_relion
+from particle_vae.conventions import box_centre, move_objects, object_pose_to_model, object_pose_to_relion
 from particle_vae.data.mnist import MNIST_FILES, SPLIT_SIZES, load_mnist
 from particle_vae.errors import ParticleVAEError
 from particle_vae.io.atomic import atomic_write_text, check_output_path
@@ -245,7 +245,7 @@ def place_on_canvas(digits: np.ndarray, box: int) -> np.ndarray:
     if box < MNIST_BOX:
         raise ValueError(f"canvas of {box} pixels is smaller than a 28-pixel digit")
     values = digits.astype(np.float32) / 255.0 if digits.dtype == np.uint8 else digits.astype(np.float32)
-    offset = box_center(box) - box_center(MNIST_BOX)
+    offset = box_centre(box) - box_centre(MNIST_BOX)
     canvas = np.zeros((digits.shape[0], box, box), dtype=np.float32)
     canvas[:, offset:offset + MNIST_BOX, offset:offset + MNIST_BOX] = values
     return canvas

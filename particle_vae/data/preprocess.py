@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from particle_vae.conventions import box_center
+from particle_vae.conventions import box_centre
 
 __all__ = [
     "NORMALIZATIONS",
     "fourier_crop",
-    "center_crop",
+    "centre_crop",
     "radial_distance",
     "circular_mask",
     "normalize_background",
@@ -72,7 +72,7 @@ def fourier_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
     return (out * (new_box * new_box) / (box * box)).to(images.dtype)
 
 
-def center_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
+def centre_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """Cut the central ``new_box x new_box`` pixels out of square images.
 
     The centre pixel ``box // 2`` becomes the new centre pixel ``new_box // 2``
@@ -87,10 +87,10 @@ def center_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """
     box = images.shape[-1]
     if images.shape[-2] != box:
-        raise ValueError(f"center_crop needs square images, got {tuple(images.shape[-2:])}")
+        raise ValueError(f"centre_crop needs square images, got {tuple(images.shape[-2:])}")
     if not 1 <= new_box <= box:
-        raise ValueError(f"center_crop: new box {new_box} must be between 1 and {box}")
-    start = box_center(box) - box_center(new_box)
+        raise ValueError(f"centre_crop: new box {new_box} must be between 1 and {box}")
+    start = box_centre(box) - box_centre(new_box)
     return images[..., start:start + new_box, start:start + new_box]
 
 
@@ -100,7 +100,7 @@ def radial_distance(box: int, device=None, dtype=torch.float32) -> torch.Tensor:
     Returns:
         ``(box, box)`` tensor, in pixels.
     """
-    axis = torch.arange(box, device=device, dtype=dtype) - box_center(box)
+    axis = torch.arange(box, device=device, dtype=dtype) - box_centre(box)
     return torch.sqrt(axis[:, None] ** 2 + axis[None, :] ** 2)
 
 
@@ -286,7 +286,7 @@ class Preprocessing:
             images = images.to(torch.float32)
         out = images
         if self.crop_box is not None and self.cropped_box != self.box:
-            out = center_crop(out, self.cropped_box)
+            out = centre_crop(out, self.cropped_box)
         if self.output_box != self.cropped_box:
             out = fourier_crop(out, self.output_box)
         if self.invert:
@@ -319,14 +319,14 @@ class Preprocessing:
         apix_in, apix_out = self.pixel_size, self.output_pixel_size
         lines = [f"input: {self.box}x{self.box} px, {self._apix(apix_in)}"]
         if self.cropped_box != self.box:
-            lines.append(f"centre crop {self.box} -> {self.cropped_box} px (centre pixel {box_center(self.box)} -> "
-                         f"{box_center(self.cropped_box)}), pixel size unchanged")
+            lines.append(f"centre crop {self.box} -> {self.cropped_box} px (centre pixel {box_centre(self.box)} -> "
+                         f"{box_centre(self.cropped_box)}), pixel size unchanged")
         if self.output_box != self.cropped_box:
             change = "unknown" if apix_in is None else f"{apix_in:.4g} -> {apix_out:.4g} A/px"
             lines.append(f"Fourier crop {self.cropped_box} -> {self.output_box} px: pixel size {change} (x{self.scale:.4g})")
         if self.invert:
             lines.append("invert contrast (multiply by -1)")
-        c = box_center(self.output_box)
+        c = box_centre(self.output_box)
         if self.normalize == "background":
             r = self.effective_background_radius
             lines.append(f"normalise each image to mean 0, std 1 of the background: pixels farther than "

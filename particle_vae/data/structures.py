@@ -40,7 +40,7 @@ __all__ = [
     "atoms_to_density",
     "resolution_sigma",
     "resample_map",
-    "center_of_mass",
+    "centre_of_mass",
     "load_density",
     "PDB_SUFFIXES",
     "MAP_SUFFIXES",
@@ -378,7 +378,7 @@ def atoms_to_density(
     box: int,
     pixel_size: float,
     resolution: float | None = None,
-    center: bool = True,
+    centre: bool = True,
     path: str | Path | None = None,
 ) -> np.ndarray:
     """Render atoms as a density on a cubic grid.
@@ -397,7 +397,7 @@ def atoms_to_density(
         box: grid edge in voxels.
         pixel_size: Angstrom per voxel.
         resolution: Angstrom; ``None`` means ``2 * pixel_size`` (Nyquist).
-        center: put the weighted centre of mass on voxel ``box // 2``;
+        centre: put the weighted centre of mass on voxel ``box // 2``;
             otherwise the coordinate origin is voxel ``box // 2``.
         path: the source file, named in errors.
     Returns:
@@ -413,7 +413,7 @@ def atoms_to_density(
     box = int(box)
     c = box // 2
     resolution = 2.0 * pixel_size if resolution is None else float(resolution)
-    origin = (weights[:, None] * coords).sum(0) / weights.sum() if center else np.zeros(3)
+    origin = (weights[:, None] * coords).sum(0) / weights.sum() if centre else np.zeros(3)
     voxel = (coords - origin) / float(pixel_size) + c  # (x, y, z) voxel indices
     sigma_px = resolution_sigma(resolution) / float(pixel_size)
     low, high = voxel.min(axis=0), voxel.max(axis=0)
@@ -445,7 +445,7 @@ def atoms_to_density(
     return volume.astype(np.float32)
 
 
-def center_of_mass(volume: np.ndarray, positive_only: bool = True) -> np.ndarray:
+def centre_of_mass(volume: np.ndarray, positive_only: bool = True) -> np.ndarray:
     """Centre of mass of a ``[z, y, x]`` volume in voxel indices.
 
     Args:
@@ -479,7 +479,7 @@ def _best_padded_size(n: int, ratio: float) -> int:
     return best
 
 
-def _centered_crop_pad(volume: np.ndarray, size: int) -> np.ndarray:
+def _centred_crop_pad(volume: np.ndarray, size: int) -> np.ndarray:
     """Crop or zero-pad a cube so that voxel ``n // 2`` becomes voxel ``size // 2``."""
     n = volume.shape[0]
     out = np.zeros((size, size, size), dtype=volume.dtype)
@@ -502,7 +502,7 @@ def _fourier_resize(volume: np.ndarray, size: int) -> np.ndarray:
         return volume
     axes = (0, 1, 2)
     spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(volume, axes=axes)), axes=axes)
-    spectrum = _centered_crop_pad(spectrum, size)
+    spectrum = _centred_crop_pad(spectrum, size)
     out = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(spectrum, axes=axes)), axes=axes).real
     return out * (size / n) ** 3
 
@@ -533,9 +533,9 @@ def resample_map(volume: np.ndarray, voxel_size: float, pixel_size: float, box: 
     achieved = padded * voxel_size / size
     if abs(achieved - pixel_size) / pixel_size > 1e-3:
         log.warning("map resampled to %.5f A/voxel instead of %.5f A", achieved, pixel_size)
-    work = _centered_crop_pad(volume, padded) if padded != n else volume
+    work = _centred_crop_pad(volume, padded) if padded != n else volume
     work = _fourier_resize(work, size)
-    return _centered_crop_pad(work, int(box)).astype(np.float32)
+    return _centred_crop_pad(work, int(box)).astype(np.float32)
 
 
 def _shift_volume(volume: np.ndarray, shift_xyz: np.ndarray) -> np.ndarray:
@@ -554,7 +554,7 @@ def load_density(
     box: int,
     resolution: float | None = None,
     assembly: bool = True,
-    center: bool | None = None,
+    centre: bool | None = None,
     biomolecule: int = 1,
 ) -> np.ndarray:
     """A density on a ``(box, box, box)`` grid at ``pixel_size`` from a PDB model or an MRC map.
@@ -572,7 +572,7 @@ def load_density(
         pixel_size: Angstrom per voxel of the output; box: edge in voxels.
         resolution: Angstrom (see above).
         assembly: expand PDB ``BIOMT`` assemblies.
-        center: move the centre of mass (positive density) to voxel
+        centre: move the centre of mass (positive density) to voxel
             ``box // 2``; default ``True`` for models, ``False`` for maps (a
             map's own centre voxel ``n // 2`` is kept).
         biomolecule: which ``REMARK 350`` biomolecule to build.
@@ -596,7 +596,7 @@ def load_density(
         if assembly:
             model = expand_assembly(model, biomolecule)
         return atoms_to_density(model.coords, model.weights, box, pixel_size, resolution,
-                                center=True if center is None else center, path=path)
+                                centre=True if centre is None else centre, path=path)
     if suffix in MAP_SUFFIXES:
         volume, voxel_size = read_map(path)
         if volume.ndim != 3 or len(set(volume.shape)) != 1:
@@ -607,8 +607,8 @@ def load_density(
         if not np.isfinite(volume).all():
             raise InputFileError("the map contains NaN or infinite values", path, "repair the map")
         work = volume.astype(np.float64)
-        if center:
-            com = center_of_mass(work)
+        if centre:
+            com = centre_of_mass(work)
             work = _shift_volume(work, np.full(3, work.shape[0] // 2) - com)
         if resolution is not None:
             sigma_px = resolution_sigma(resolution) / voxel_size

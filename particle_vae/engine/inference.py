@@ -415,10 +415,10 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              center: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128,
+              centre: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128,
               project_dir: Path | None = None, poses_to_relion_columns: bool = False) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
-    (``bf16``: see :func:`run_inference`; ``center``: centred origins, see the module docstring).
+    (``bf16``: see :func:`run_inference`; ``centre``: centred origins, see the module docstring).
 
     ``project_dir``: the folder the output's ``rlnImageName`` resolves from (default: the current
     folder). An input with 3D angles keeps its RELION pose columns and gets the in-plane pose in
@@ -480,7 +480,7 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
         refined, refined_apix = refine_from_readout(prepared, result, model_apix, refine, classes=refine_classes,
                                                     max_box=refine_box)
     centres = None
-    if center and model.has_pose and refine is None:
+    if centre and model.has_pose and refine is None:
         # every rank averages a share of the particles; rank 0 (which holds the result) plans the groups
         z = psi = origin = None
         if context.is_main:

@@ -36,7 +36,7 @@ from napari_particle_vae.run_data import (
     open_particle_run,
     star_columns,
 )
-from particle_vae.conventions import box_center
+from particle_vae.conventions import box_centre
 from particle_vae.errors import ParticleVAEError
 
 #: key of layer.metadata holding the :class:`ParticleRun`
@@ -135,7 +135,7 @@ def particle_centres(run: ParticleRun) -> np.ndarray:
     origin / pixel size``) from the box centre ``box // 2``; ``x`` runs along
     columns and ``y`` along rows. Without poses the box centre.
     """
-    centre = float(box_center(run.box))
+    centre = float(box_centre(run.box))
     out = np.full((len(run), 2), centre)
     poses = run.poses()
     if poses is None or run.pixel_size is None:
