@@ -14,8 +14,9 @@ from particle_vae.analysis.pose_metrics import cyclic_symmetry_operators, origin
 from particle_vae.conventions import euler_to_matrix, fourier_shift, pixel_grid, warp_images
 from particle_vae.data.ctf import apply_ctf, ctf_from_table
 from particle_vae.data.memory import ArrayDataset
-from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses, shell_means
+from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses
 from particle_vae.engine.refine import RefineSettings, aligned_ctf_table, refine_poses
+from particle_vae.fourier import shell_means
 
 BOX = 48
 APIX = 4.0

@@ -16,12 +16,12 @@ from particle_vae.data.preprocess import (
     Preprocessing,
     centre_crop,
     circular_mask,
-    fourier_crop,
     normalize_background,
     normalize_minmax,
     normalize_zscore,
     radial_distance,
 )
+from particle_vae.fourier import fourier_crop
 
 
 def gaussian(box: int, sigma: float, cx: float = 0.0, cy: float = 0.0) -> torch.Tensor:

@@ -161,7 +161,7 @@ def test_noise_free_particle_undone_with_its_true_pose_matches_the_centred_proje
     # centred.mrcs is the projection at (rot, tilt, 0): the same view for rot/tilt, regardless of psi.
     proj = sim.project_volume(t20s_density, table["pvaeTrueAngleRot"].to_numpy()[:2], table["pvaeTrueAngleTilt"].to_numpy()[:2], [0.0, 0.0])
     if downsample:
-        from particle_vae.data.preprocess import fourier_crop
+        from particle_vae.fourier import fourier_crop
         proj = fourier_crop(proj, downsample)
     np.testing.assert_allclose(centred[:2], proj.numpy(), atol=1e-3 * np.abs(centred).max())
 

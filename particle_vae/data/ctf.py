@@ -47,13 +47,13 @@ import pandas as pd
 import torch
 
 from particle_vae.errors import InputFileError
+from particle_vae.fourier import ctf_frequencies
 
 #: A scalar or a per-particle ``(B,)`` sequence, array or tensor.
 PerParticle = float | Sequence[float] | np.ndarray | torch.Tensor
 
 __all__ = [
     "electron_wavelength",
-    "ctf_frequencies",
     "evaluate_ctf",
     "compute_ctf",
     "ctf_from_table",
@@ -90,31 +90,6 @@ def electron_wavelength(voltage_kv: float) -> float:
     energy = _ELEMENTARY_CHARGE * volts
     momentum = math.sqrt(2.0 * _ELECTRON_MASS * energy * (1.0 + energy / (2.0 * _ELECTRON_MASS * _SPEED_OF_LIGHT ** 2)))
     return _PLANCK / momentum * 1e10
-
-
-def ctf_frequencies(
-    box: int,
-    pixel_size: float,
-    rfft: bool = True,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spatial frequencies of the discrete Fourier transform of a ``box x box`` image.
-
-    The layout is that of ``torch.fft.rfft2`` (``rfft=True``: ``(box, box//2 + 1)``)
-    or ``torch.fft.fft2`` (``(box, box)``), unshifted (zero frequency at ``[0, 0]``).
-    The row index gives ``ky`` and the column index ``kx``.
-
-    Args:
-        box: image edge in pixels.
-        pixel_size: Angstrom per pixel.
-    Returns:
-        ``(kx, ky)`` tensors of the layout's shape, in 1/Angstrom.
-    """
-    ky = torch.fft.fftfreq(box, d=float(pixel_size), device=device, dtype=dtype)
-    kx = (torch.fft.rfftfreq if rfft else torch.fft.fftfreq)(box, d=float(pixel_size), device=device, dtype=dtype)
-    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
-    return grid_x, grid_y
 
 
 def _param(value: PerParticle, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ the centre of a box of ``N`` pixels is pixel ``N // 2`` on both axes.
 :class:`Preprocessing` chains the steps in a fixed order
 
 1. centre crop to ``crop_box`` (pixel size unchanged),
-2. Fourier crop to ``target_box`` (pixel size times ``box / target_box``),
+2. Fourier crop to ``target_box`` (pixel size times ``box / target_box``;
+   :func:`particle_vae.fourier.fourier_crop`),
 3. contrast inversion,
 4. per-image normalisation (``background``, ``zscore``, ``minmax`` or ``none``),
 5. a circular mask with a raised-cosine soft edge,
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from particle_vae.conventions import box_centre
+from particle_vae.fourier import fourier_crop
 
 __all__ = [
     "NORMALIZATIONS",
-    "fourier_crop",
     "centre_crop",
     "radial_distance",
     "circular_mask",
@@ -42,34 +43,6 @@ NORMALIZATIONS = ("background", "zscore", "minmax", "none")
 
 #: Default background radius as a fraction of half the (final) box.
 DEFAULT_BACKGROUND_FRACTION = 0.85
-
-
-def fourier_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
-    """Downsample square images by cropping their centred Fourier transform.
-
-    The pixel size grows by ``box / new_box``; the centre pixel (``box // 2``)
-    maps to the new centre pixel (``new_box // 2``). Intensity scale is kept
-    (a constant image stays the same constant).
-
-    Args:
-        images: ``(..., box, box)`` real tensor.
-        new_box: target edge length in pixels, ``<= box``.
-    Returns:
-        ``(..., new_box, new_box)`` tensor, same dtype.
-    """
-    box = images.shape[-1]
-    if new_box > box:
-        raise ValueError(f"fourier_crop cannot enlarge images ({box} -> {new_box})")
-    if new_box == box:
-        return images
-    # float32 input is transformed in single precision (relative error ~1e-6, 4 times faster than
-    # double precision, which keeps the lazy reader well ahead of GPU training); anything else in double
-    work = images if images.dtype == torch.float32 else images.to(torch.float64)
-    spectrum = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(work, dim=(-2, -1))), dim=(-2, -1))
-    start = box // 2 - new_box // 2
-    cropped = spectrum[..., start:start + new_box, start:start + new_box]
-    out = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(cropped, dim=(-2, -1))), dim=(-2, -1)).real
-    return (out * (new_box * new_box) / (box * box)).to(images.dtype)
 
 
 def centre_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:

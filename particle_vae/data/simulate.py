@@ -60,9 +60,9 @@ import torch.nn.functional as F
 
 from particle_vae.conventions import euler_to_matrix, fourier_shift
 from particle_vae.data.ctf import apply_ctf, compute_ctf, electron_wavelength, read_defocus_table, sample_defocus
-from particle_vae.data.preprocess import fourier_crop
 from particle_vae.data.structures import load_density
 from particle_vae.errors import InputFileError
+from particle_vae.fourier import fourier_crop
 from particle_vae.io.atomic import atomic_write_text, check_output_path
 
 __all__ = [

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from particle_vae.errors import InputFileError
+from particle_vae.fourier import centred_crop_pad, fourier_resize, gaussian_filter_fourier
 
 __all__ = [
     "AtomModel",
@@ -360,18 +361,6 @@ def resolution_sigma(resolution: float) -> float:
     return float(resolution) / (math.pi * math.sqrt(2.0))
 
 
-def _gaussian_filter_fourier(volume: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Isotropic Gaussian blur (sigma in voxels) by Fourier multiplication (periodic)."""
-    if sigma_px <= 0:
-        return volume
-    shape = volume.shape
-    kz = np.fft.fftfreq(shape[0])[:, None, None]
-    ky = np.fft.fftfreq(shape[1])[None, :, None]
-    kx = np.fft.rfftfreq(shape[2])[None, None, :]
-    transfer = np.exp(-2.0 * math.pi ** 2 * sigma_px ** 2 * (kz ** 2 + ky ** 2 + kx ** 2))
-    return np.fft.irfftn(np.fft.rfftn(volume) * transfer, s=shape, axes=(0, 1, 2))
-
-
 def atoms_to_density(
     coords: np.ndarray,
     weights: np.ndarray,
@@ -441,7 +430,7 @@ def atoms_to_density(
                 flat = (idx[ok, 2] * box + idx[ok, 1]) * box + idx[ok, 0]
                 grid += np.bincount(flat, weights=w[ok], minlength=box ** 3)
     volume = grid.reshape(box, box, box)
-    volume = _gaussian_filter_fourier(volume, math.sqrt(max(sigma_px ** 2 - 1.0 / 6.0, 0.0)))
+    volume = gaussian_filter_fourier(volume, math.sqrt(max(sigma_px ** 2 - 1.0 / 6.0, 0.0)))
     return volume.astype(np.float32)
 
 
@@ -479,34 +468,6 @@ def _best_padded_size(n: int, ratio: float) -> int:
     return best
 
 
-def _centred_crop_pad(volume: np.ndarray, size: int) -> np.ndarray:
-    """Crop or zero-pad a cube so that voxel ``n // 2`` becomes voxel ``size // 2``."""
-    n = volume.shape[0]
-    out = np.zeros((size, size, size), dtype=volume.dtype)
-    offset = size // 2 - n // 2  # new index = old index + offset
-    lo_old, hi_old = max(0, -offset), min(n, size - offset)
-    if hi_old <= lo_old:
-        return out
-    sl_old = slice(lo_old, hi_old)
-    sl_new = slice(lo_old + offset, hi_old + offset)
-    out[sl_new, sl_new, sl_new] = volume[sl_old, sl_old, sl_old]
-    return out
-
-
-def _fourier_resize(volume: np.ndarray, size: int) -> np.ndarray:
-    """Resample a cube of ``n`` voxels to ``size`` voxels over the same extent by
-    cropping or zero-padding its centred spectrum; voxel ``n // 2`` maps to
-    ``size // 2`` and a constant volume stays the same constant."""
-    n = volume.shape[0]
-    if size == n:
-        return volume
-    axes = (0, 1, 2)
-    spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(volume, axes=axes)), axes=axes)
-    spectrum = _centred_crop_pad(spectrum, size)
-    out = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(spectrum, axes=axes)), axes=axes).real
-    return out * (size / n) ** 3
-
-
 def resample_map(volume: np.ndarray, voxel_size: float, pixel_size: float, box: int) -> np.ndarray:
     """Resample a cubic map to ``pixel_size`` and ``box`` keeping its centre voxel.
 
@@ -533,9 +494,9 @@ def resample_map(volume: np.ndarray, voxel_size: float, pixel_size: float, box: 
     achieved = padded * voxel_size / size
     if abs(achieved - pixel_size) / pixel_size > 1e-3:
         log.warning("map resampled to %.5f A/voxel instead of %.5f A", achieved, pixel_size)
-    work = _centred_crop_pad(volume, padded) if padded != n else volume
-    work = _fourier_resize(work, size)
-    return _centred_crop_pad(work, int(box)).astype(np.float32)
+    work = centred_crop_pad(volume, padded) if padded != n else volume
+    work = fourier_resize(work, size)
+    return centred_crop_pad(work, int(box)).astype(np.float32)
 
 
 def _shift_volume(volume: np.ndarray, shift_xyz: np.ndarray) -> np.ndarray:
@@ -612,7 +573,7 @@ def load_density(
             work = _shift_volume(work, np.full(3, work.shape[0] // 2) - com)
         if resolution is not None:
             sigma_px = resolution_sigma(resolution) / voxel_size
-            work = _gaussian_filter_fourier(work, sigma_px)
+            work = gaussian_filter_fourier(work, sigma_px)
         return resample_map(work, voxel_size, pixel_size, box)
     raise InputFileError(f"unknown structure format '{path.suffix}'", path,
                          "give a PDB model (.pdb/.ent) or an MRC map (.mrc/.map)")

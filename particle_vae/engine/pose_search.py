@@ -25,7 +25,8 @@ shift gives a per-particle uncertainty.
 
 Units: shifts ``d`` in pixels of the images searched (the particle centre moves
 to ``+d``; RELION's origin is ``o = -d``), angles in degrees, frequencies as
-rfft2 indices.
+rfft2 indices. The rfft2 grid helpers (Hermitian weights, frequency shells,
+``shell_means`` for ``sigma2``) are in :mod:`particle_vae.fourier`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ import numpy as np
 import torch
 
 from particle_vae.conventions import warp_images
+from particle_vae.fourier import frequency_radius, hermitian_weights
 
 __all__ = [
-    "hermitian_weights",
-    "frequency_radius",
-    "shell_index",
-    "shell_means",
     "rotated_spectra",
     "psi_grid",
     "PoseScores",
@@ -51,52 +49,6 @@ __all__ = [
     "BestPoses",
     "local_refine",
 ]
-
-
-def hermitian_weights(box: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """How often each rfft2 coefficient appears in the full Fourier plane.
-
-    Returns:
-        ``(box, box // 2 + 1)``: 1 for the columns ``0`` (and ``box / 2`` for even
-        boxes), 2 for the others.
-    """
-    width = box // 2 + 1
-    weights = torch.full((box, width), 2.0, device=device, dtype=dtype)
-    weights[:, 0] = 1.0
-    if box % 2 == 0:
-        weights[:, -1] = 1.0
-    return weights
-
-
-def frequency_radius(box: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``|f|`` of every rfft2 coefficient of a ``box x box`` image, in Fourier pixels
-    (``1 / (box * pixel size)`` each); ``(box, box // 2 + 1)``."""
-    fy = torch.fft.fftfreq(box, device=device, dtype=dtype) * box
-    fx = torch.fft.rfftfreq(box, device=device, dtype=dtype) * box
-    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
-
-
-def shell_index(box: int, device=None) -> torch.Tensor:
-    """Integer frequency shell of every rfft2 coefficient, ``(box, box // 2 + 1)`` int64 in
-    ``0 .. box // 2`` (shells beyond Nyquist are folded into the last)."""
-    return frequency_radius(box, device=device).round().long().clamp(max=box // 2)
-
-
-def shell_means(values: torch.Tensor, box: int) -> torch.Tensor:
-    """Mean of ``values (..., box, box // 2 + 1)`` over each integer frequency shell (:func:`shell_index`),
-    each coefficient counted as often as it appears in the full Fourier plane.
-
-    Returns:
-        ``(..., box // 2 + 1)``.
-    """
-    shells = shell_index(box, device=values.device)
-    weights = hermitian_weights(box, device=values.device, dtype=values.dtype)
-    flat = (values * weights).reshape(values.shape[:-2] + (-1,))
-    n_shells = box // 2 + 1
-    total = torch.zeros(values.shape[:-2] + (n_shells,), device=values.device, dtype=values.dtype)
-    total.index_add_(-1, shells.reshape(-1), flat)
-    count = torch.zeros(n_shells, device=values.device, dtype=values.dtype).index_add_(0, shells.reshape(-1), weights.reshape(-1))
-    return total / count.clamp_min(1e-12)
 
 
 def psi_grid(n_psi: int) -> np.ndarray:
