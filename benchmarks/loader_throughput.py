@@ -47,8 +47,10 @@ particle_vae.enable_huge_pages()  # before torch is imported: large CPU tensors 
 import torch
 
 from particle_vae.data.cache import ensure_cache, open_cache
-from particle_vae.data.particles import ParticleDataset, make_loader, open_source
+from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.data.sampling import make_loader
+from particle_vae.data.sources import open_source
 from particle_vae.io.mrc import write_stack
 from particle_vae.io.star import image_name, make_particle_star
 

@@ -401,8 +401,8 @@ def _fit_box(spec: dict):
     pipeline does not read every stack header a second time."""
     if spec["kind"] != "particles":
         return None
-    from particle_vae.data.particles import open_source
     from particle_vae.data.preprocess import Preprocessing
+    from particle_vae.data.sources import open_source
 
     source = open_source(spec["path"], datadir=spec["datadir"], pixel_size=spec["pixel_size"])
     source.require_pixel_size()  # infer writes origins in Angstrom: stop now rather than after training

@@ -102,9 +102,9 @@ def add_project_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--gpus N`` and ``--ddp-cpu-processes N`` (:func:`particle_vae.engine.distributed.add_launch_args`),
+    """``--gpus N`` and ``--ddp-cpu-processes N`` (:func:`particle_vae.engine.launch.add_launch_args`),
     with their default said in their help."""
-    from particle_vae.engine.distributed import add_launch_args
+    from particle_vae.engine.launch import add_launch_args
 
     add_launch_args(parser, what, default_help=" (default: one process, no torchrun)")
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    args._argv = argv  # what a multi-process launch starts again (particle_vae.engine.distributed.relaunch)
+    args._argv = argv  # what a multi-process launch starts again (particle_vae.engine.launch.relaunch)
     _configure_logging(args.verbose, args.quiet)
     try:
         result = args._handler(args)

@@ -40,7 +40,7 @@ def test_huge_pages_are_asked_for_by_the_command_line_only():
     """The command line sets THP_MEM_ALLOC_ENABLE=1 before torch is imported; importing the package sets nothing,
     a user's THP_MEM_ALLOC_ENABLE=0 stays, and after torch is imported nothing is set."""
     run_cli = ("import sys\nfrom particle_vae import cli\nassert 'torch' not in sys.modules\n"
-               "assert cli.main(['info', '--json', 'absent.star']) == 2\nassert 'torch' in sys.modules")
+               "assert cli.main(['infer', 'absent_run', '--out', 'absent.star']) == 2\nassert 'torch' in sys.modules")
     assert _environment_after(run_cli) == "1"
     assert _environment_after(run_cli, THP_MEM_ALLOC_ENABLE="0") == "0"
     assert _environment_after("import particle_vae") == "None"

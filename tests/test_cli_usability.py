@@ -158,7 +158,7 @@ def test_stack_dir_finds_the_stacks_and_old_datadir_still_works(relion30_project
 
 
 def test_relaunch_keeps_the_old_stack_folder_spelling_working(tmp_path):
-    from particle_vae.engine.distributed import launch_argv
+    from particle_vae.engine.launch import launch_argv
 
     parser = cli.build_parser(only="train")
     argv = launch_argv(["train", "p.star", "--out", str(tmp_path / "run"), "--datadir", str(tmp_path), "--gpus", "2"], device="auto")

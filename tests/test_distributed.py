@@ -38,8 +38,10 @@ import torch
 import torch.multiprocessing as mp
 
 from particle_vae import cli
-from particle_vae.data.particles import ChunkShuffleBatchSampler, ParticleDataset
-from particle_vae.engine.distributed import DistContext, launch_argv, shard_bounds, split_counts
+from particle_vae.data.particles import ParticleDataset
+from particle_vae.data.sampling import ChunkShuffleBatchSampler
+from particle_vae.engine.distributed import DistContext, shard_bounds, split_counts
+from particle_vae.engine.launch import launch_argv
 from particle_vae.engine.run import RunDirectory
 from particle_vae.engine.trainer import Trainer, TrainSettings, seed_everything
 from particle_vae.errors import ParticleVAEError

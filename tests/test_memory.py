@@ -31,7 +31,8 @@ LIMIT_BYTES = 1 << 30  # 1 GiB
 _CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from particle_vae.data.particles import ParticleDataset, make_loader
+from particle_vae.data.particles import ParticleDataset
+from particle_vae.data.sampling import make_loader
 
 
 def peak_rss():

@@ -32,8 +32,10 @@ import pytest
 import torch
 
 from particle_vae.data.cache import ensure_cache, open_cache, sidecar_path
-from particle_vae.data.particles import ParticleDataset, make_loader, open_source
+from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.data.sampling import make_loader
+from particle_vae.data.sources import open_source
 from particle_vae.engine.data import prepare_data
 from particle_vae.errors import OutputFileError
 from particle_vae.io.mrc import HEADER_BYTES, MRCStack, write_stack

@@ -16,16 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Subset
 
-from particle_vae.data.particles import (
-    ChunkShuffleBatchSampler,
-    ParticleDataset,
-    ParticleLoader,
-    SequentialBatchSampler,
-    WorkerError,
-    collate,
-    make_loader,
-    open_source,
-)
+from particle_vae.data.particles import ParticleDataset, ParticleLoader, WorkerError, collate
+from particle_vae.data.sampling import ChunkShuffleBatchSampler, SequentialBatchSampler, make_loader
+from particle_vae.data.sources import open_source
 from particle_vae.errors import InputFileError
 from particle_vae.io.mrc import HEADER_BYTES, write_stack
 from particle_vae.io.star import image_name, make_particle_star

@@ -223,7 +223,7 @@ def test_premultiplied_particles_are_the_recorded_ones_multiplied_by_their_ctf_a
     The output box is odd (Fourier-cropped 40 -> 39 px): an even box has a Nyquist column in the rfft2 grid that
     is its own mirror image, where a real image can only carry the CTF averaged over ky and -ky (apply_ctf's
     inverse transform averages), so there applying the CTF twice differs from applying its square."""
-    from particle_vae.data.particles import open_source
+    from particle_vae.data.sources import open_source
 
     out = 39
     runs = {}

@@ -36,8 +36,10 @@ from tqdm import tqdm
 
 from particle_vae.analysis.metrics import image_centre_of_mass
 from particle_vae.conventions import fourier_shift, undo_relion_pose
-from particle_vae.data.particles import ParticleDataset, make_loader, open_source
+from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.data.sampling import make_loader
+from particle_vae.data.sources import open_source
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.errors import InputFileError, ParticleVAEError
 

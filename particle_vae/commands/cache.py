@@ -37,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from particle_vae.commands.train import PREP_OPTIONS
     from particle_vae.data.cache import ensure_cache
-    from particle_vae.data.particles import open_source
+    from particle_vae.data.sources import open_source
     from particle_vae.engine.presets import TRAINING_PRESETS
 
     preset = TRAINING_PRESETS[args.preset] if args.preset else {}

@@ -103,9 +103,9 @@ def main(args: argparse.Namespace) -> int:
     """Read out the run ``args`` describe (:func:`particle_vae.api.infer`), or start it again in
     several processes (``--gpus``, ``--ddp-cpu-processes``); returns the exit code."""
     from particle_vae import api
-    from particle_vae.engine import distributed as ddp
+    from particle_vae.engine.launch import relaunch, wants_launch
 
-    if ddp.wants_launch(args):
-        return ddp.relaunch(args, args._launch_parser, "infer")
+    if wants_launch(args):
+        return relaunch(args, args._launch_parser, "infer")
     api.infer(request(args))
     return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from particle_vae.data.particles import open_source
+from particle_vae.data.sources import open_source
 from particle_vae.errors import InputFileError, ParticleVAEError
 
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY",
@@ -62,7 +62,7 @@ def summarize(path: Path, datadir: Path | None = None, pixel_size: float | None 
         A JSON-serialisable dict.
     Raises:
         ParticleVAEError: a missing or inconsistent input (see
-            :func:`particle_vae.data.particles.open_source`).
+            :func:`particle_vae.data.sources.open_source`).
     """
     source = open_source(path, datadir=datadir, pixel_size=pixel_size)
     summary: dict = {

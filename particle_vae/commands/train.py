@@ -322,10 +322,11 @@ def main(args: argparse.Namespace) -> int:
     several processes (``--gpus``, ``--ddp-cpu-processes``); returns the exit code."""
     from particle_vae import api
     from particle_vae.engine import distributed as ddp
+    from particle_vae.engine.launch import wants_launch
 
     check_options(args)
     _check_model_use(args)
-    if ddp.wants_launch(args):
+    if wants_launch(args):
         return _launch(args)
     context = ddp.init_distributed(args.device or "auto")
     if not context.is_main:  # one console log (rank 0's) for the run
@@ -339,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Start this command again under torchrun with ``--gpus`` / ``--ddp-cpu-processes`` processes."""
-    from particle_vae.engine.distributed import relaunch
+    from particle_vae.engine.launch import relaunch
 
     if not args.resume and RunDirectory(args.out).config_path.exists() and not args.overwrite:
         RunDirectory(args.out).create(overwrite=False)  # the one-line "already holds a training run" error

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from particle_vae.data.particles import ParticleDataset, ParticleSource, make_loader, open_source
+from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.data.sampling import make_loader
+from particle_vae.data.sources import ParticleSource, open_source
 from particle_vae.errors import InputFileError, OutputFileError
 from particle_vae.io.atomic import atomic_write_text
 from particle_vae.io.mrc import MRCStack, StackWriter

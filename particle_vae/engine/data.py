@@ -25,8 +25,9 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from particle_vae.data.memory import ArrayDataset, LabelledDataset
-from particle_vae.data.particles import ParticleDataset, ParticleSource, open_source
+from particle_vae.data.particles import ParticleDataset
 from particle_vae.data.preprocess import Preprocessing
+from particle_vae.data.sources import ParticleSource, open_source
 from particle_vae.errors import ParticleVAEError
 
 

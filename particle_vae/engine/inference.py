@@ -50,7 +50,8 @@ import torch
 from tqdm import tqdm
 
 from particle_vae.conventions import model_pose_to_relion
-from particle_vae.data.particles import IndexSubset, make_loader
+from particle_vae.data.particles import IndexSubset
+from particle_vae.data.sampling import make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext

@@ -40,8 +40,8 @@ from tqdm import tqdm
 from particle_vae.analysis.averages import centre_on_mass
 from particle_vae.conventions import fourier_shift_phase, undo_relion_pose
 from particle_vae.data.ctf import effective_ctf
-from particle_vae.data.particles import make_loader
 from particle_vae.data.preprocess import circular_mask
+from particle_vae.data.sampling import make_loader
 from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses
 from particle_vae.fourier import shell_index, shell_means
 

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from particle_vae.data.particles import IndexSubset, make_loader
+from particle_vae.data.particles import IndexSubset
+from particle_vae.data.sampling import make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.distributed import SINGLE, DistContext
 from particle_vae.engine.run import RunDirectory

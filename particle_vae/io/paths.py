@@ -173,7 +173,7 @@ def project_names_for_star(star_path: str | Path, project: str | Path, datadir: 
     for from ``project``, then from the folders above the STAR's (:func:`find_project_folder`: a STAR
     written for a project, read from elsewhere); when they cannot be found the names are kept, with a warning."""
     if source is None:
-        from particle_vae.data.particles import open_source
+        from particle_vae.data.sources import open_source
         from particle_vae.errors import ParticleVAEError
 
         try:

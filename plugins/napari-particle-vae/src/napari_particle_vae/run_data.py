@@ -249,13 +249,13 @@ class ParticleRun:
     # -- images ---------------------------------------------------------------
     @property
     def source(self):
-        """The :class:`particle_vae.data.particles.ParticleSource` (headers only; opened on first use).
+        """The :class:`particle_vae.data.sources.ParticleSource` (headers only; opened on first use).
 
         Raises:
             InputFileError: a missing or truncated stack (one line naming the file and the fix).
         """
         if self._source is None:
-            from particle_vae.data.particles import open_source
+            from particle_vae.data.sources import open_source
 
             try:
                 self._source = open_source(self.star_path, datadir=self.datadir)
@@ -349,7 +349,7 @@ def open_particle_run(path: str | Path, datadir: str | Path | None = None) -> Pa
     """
     import logging
 
-    from particle_vae.data.particles import open_source
+    from particle_vae.data.sources import open_source
     from particle_vae.io.infer_pair import check_pair
     from particle_vae.io.paths import find_project_folder
     from particle_vae.io.star import ParticleStar
