@@ -134,7 +134,7 @@ def premultiplied_copy(formats_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(formats_dir, tmp_path):
-    from particle_vae.commands.train import _ctf_provider
+    from particle_vae.api import ctf_provider
 
     plain = ParticleStar(formats_dir / RELION5)
     assert not plain.ctf_parameters()["premultiplied"].any()
@@ -148,7 +148,7 @@ def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(
     both = effective_ctf(mixed, 32, 2.0, dtype=torch.float64)
     assert torch.allclose(both[0::2], physical[0::2] ** 2) and torch.allclose(both[1::2], physical[1::2])
     prepared = SimpleNamespace(source=SimpleNamespace(star=star), pixel_size=2.0, box=32)
-    ctf_for = _ctf_provider(prepared, SimpleNamespace(config=SimpleNamespace(likelihood="gaussian")))
+    ctf_for = ctf_provider(prepared, SimpleNamespace(config=SimpleNamespace(likelihood="gaussian")))
     assert torch.allclose(ctf_for(torch.arange(3)).double(), physical[:3] ** 2, atol=1e-6)
 
 

@@ -28,7 +28,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from particle_vae.api import DEFAULT_MODEL, BenchmarkData, ParticleData, TrainRequest, ctf_provider
+from particle_vae.api import DEFAULT_MODEL, BenchmarkData, ParticleData, TrainRequest
 from particle_vae.engine.presets import TRAINING_PRESETS
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import ParticleVAEError
@@ -36,8 +36,6 @@ from particle_vae.errors import ParticleVAEError
 log = logging.getLogger("particle_vae")
 
 BENCHMARKS = ("mnist-n", "mnist-u", "so2", "se2")
-#: the CTF of the training likelihood (:func:`particle_vae.api.ctf_provider`), by its older name
-_ctf_provider = ctf_provider
 
 PREP_OPTIONS = {"downsample_to": "target_box", "crop_to": "crop_box", "invert": "invert", "normalize": "normalize",
                 "mask_radius": "mask_radius"}
