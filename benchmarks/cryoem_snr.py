@@ -49,7 +49,7 @@ RUN_SIZES = {
     "quick": {"snrs": [10.0, 1.0, 0.1], "n": 1200, "epochs": 6, "train": ["--batch-size", "16"]},
     "paper": {"snrs": [1.0, 0.1, 0.03], "n": 10000, "epochs": 50, "train": ["--batch-size", "64"]},
 }
-#: the simulation's settings besides the structures, n and SNR (particle_vae.data.simulate.SimulationConfig fields)
+#: the simulation's settings besides the structures, n and SNR (particle_vae.data.simulation.SimulationConfig fields)
 SIMULATE = {"box": 32, "pixel_size": 8.0, "views": "top"}
 
 

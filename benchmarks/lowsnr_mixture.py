@@ -1,6 +1,6 @@
 """Low-SNR mixture benchmark: this project's poses and classes beside RELION 2D classification.
 
-Data (``particle_vae.data.simulate``): three structures of different size, shape
+Data (``particle_vae.data.simulation``): three structures of different size, shape
 and symmetry from ``<data>/structures`` (the 26S proteasome 4CR2 and the 30S
 ribosomal subunit 4V4R, both asymmetric, and the C6 p97 hexamer 3CF3), 64 px at
 5 A/px, uniform random 3D views, shifts up to 3 px, the CTF drawn from the

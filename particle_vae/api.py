@@ -35,7 +35,7 @@ from particle_vae.engine.presets import TRAINING_PRESETS
 from particle_vae.errors import ParticleVAEError
 
 if TYPE_CHECKING:  # imported where used: importing this module stays cheap
-    from particle_vae.data.simulate import SimulationConfig
+    from particle_vae.data.simulation import SimulationConfig
     from particle_vae.engine.refine import RefineSettings
     from particle_vae.engine.trainer import TrainSettings
 
@@ -89,7 +89,7 @@ class SimulateRequest:
         ``$PARTICLE_VAE_DATA``). Raises :class:`~particle_vae.errors.InputFileError` for an unknown preset,
         missing reference data or impossible settings.
         """
-        from particle_vae.data.simulate import preset_config
+        from particle_vae.data.simulation import preset_config
 
         config = preset_config(preset, n, data_dir=data_dir, structures=structures, defocus_star=defocus_star, **settings)
         return cls(config, Path(out), overwrite=overwrite, progress=progress,
@@ -125,7 +125,7 @@ def simulate(request: SimulateRequest) -> SimulateResult:
     Raises:
         InputFileError / OutputFileError: bad inputs or settings, outputs that exist (without ``overwrite``).
     """
-    from particle_vae.data.simulate import run_simulation
+    from particle_vae.data.simulation import run_simulation
 
     config = request.config
     log.info("simulating %d particles (%s): %s; %d px at %.4g A/px%s", config.n, config.preset,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from particle_vae import api, cli
-from particle_vae.data.simulate import SimulationConfig, StructureSpec
+from particle_vae.data.simulation import SimulationConfig, StructureSpec
 from particle_vae.engine.refine import RefineSettings
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import InputFileError, OutputFileError, ParticleVAEError

@@ -11,9 +11,10 @@ import torch
 from scipy import ndimage, stats
 
 from particle_vae import cli, conventions
-from particle_vae.data import simulate as sim
+from particle_vae.data import simulation as sim
 from particle_vae.data.ctf import apply_ctf, ctf_from_table
 from particle_vae.data.structures import atoms_to_density, read_pdb
+from particle_vae.errors import InputFileError
 from particle_vae.io.mrc import MRCStack
 from particle_vae.io.star import ParticleStar
 
@@ -273,7 +274,7 @@ def test_premultiplied_particles_are_the_recorded_ones_multiplied_by_their_ctf_a
 
 
 def test_premultiplied_needs_a_ctf(structures_dir, t20s_density):
-    with pytest.raises(sim.InputFileError, match="--ctf-premultiplied"):
+    with pytest.raises(InputFileError, match="--ctf-premultiplied"):
         sim.Simulator(_config(structures_dir, ctf=False, ctf_premultiplied=True), [t20s_density])
 
 

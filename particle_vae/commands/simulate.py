@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from particle_vae.data.simulate import SHIFT_DISTRIBUTIONS, SIMULATION_PRESETS, SNR_MODES, VIEWS, preset_config
+from particle_vae.data.simulation import SHIFT_DISTRIBUTIONS, SIMULATION_PRESETS, SNR_MODES, VIEWS, preset_config
 
 
 def _snr(text: str) -> float:

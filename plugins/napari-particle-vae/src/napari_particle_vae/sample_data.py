@@ -100,7 +100,7 @@ def make_sample_run(out_dir: str | Path, n: int = 400, epochs: int = 4, box: int
         particle_vae.errors.ParticleVAEError: a step failed for a reason a user can fix.
     """
     from particle_vae import api
-    from particle_vae.data.simulate import SimulationConfig, StructureSpec, validate_config
+    from particle_vae.data.simulation import SimulationConfig, StructureSpec, validate_config
 
     out_dir = Path(out_dir)
     result = out_dir / SAMPLE_STAR
