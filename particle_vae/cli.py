@@ -1,5 +1,6 @@
 """The ``particle-vae`` command line: one module per subcommand under
-``particle_vae.commands``, each with ``add_args(parser)`` and ``main(args)``."""
+``particle_vae.commands``, each with ``add_args(parser)`` (train: ``add_args(parser, words)``, its
+model's options) and ``main(args)``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import sys
 import textwrap
 from pathlib import Path
+from typing import Sequence
 
 from particle_vae import __version__
 from particle_vae.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, ParticleVAEError
@@ -43,6 +45,7 @@ class HelpFormatter(argparse.HelpFormatter):
     input) say their default in their own help text, in the same ``(default: ...)`` form.
     """
 
+    # no public hook: argparse documents only whole formatter classes, none of which re-flows prose and keeps indented lines
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         blocks: list[str] = []
         prose: list[str] = []
@@ -61,6 +64,7 @@ class HelpFormatter(argparse.HelpFormatter):
         flush_prose()
         return "\n".join(blocks)
 
+    # no public hook: ArgumentDefaultsHelpFormatter would also print (default: None) and the defaults of flags
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         takes_value = action.nargs != 0  # not a flag (store_true/false/const, count, help, version)
@@ -109,18 +113,35 @@ def add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
     add_launch_args(parser, what, default_help=" (default: one process, no torchrun)")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``only`` (a subcommand name) the other subcommands
-    are listed by name and help line without importing their modules (faster start)."""
-    return _build(only)[0]
+    are listed by name and help line without importing their modules (faster start).
+
+    ``argv``: the command line the parser is for (after the program name): ``train`` offers the
+    options of the model it names with ``--model`` (without ``argv``, or without ``--model``: the
+    default model's), and accepts no other model (:func:`parse_command_line` parses any command line).
+    """
+    return _build(only, argv)[0]
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The parser of every subcommand, by name, as :func:`build_parser` builds them."""
-    return _build(None)[1]
+    """The parser of every subcommand, by name, as :func:`build_parser` builds them (``train``'s with
+    the default model's options)."""
+    return _build(None, None)[1]
 
 
-def _build(only: str | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the global options take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _words_of(argv: Sequence[str], name: str) -> list[str]:
+    """The words of ``argv`` after the subcommand ``name`` (none when ``argv`` names another)."""
+    argv = list(argv)
+    return argv[argv.index(name) + 1:] if _command_in(argv) == name else []
+
+
+def _build(only: str | None, argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="particle-vae",
         description="Pose-invariant representation learning for cryo-EM particle images.",
@@ -139,11 +160,41 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, dict[str, argpars
         module = importlib.import_module(f"particle_vae.commands.{module_name}")
         command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                  formatter_class=HelpFormatter)
-        command._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own misses -1e9
-        module.add_args(command)
+        # no public hook: argparse reads "-1e9" as an option unless this private matcher accepts it
+        command._negative_number_matcher = NEGATIVE_NUMBER
+        if name == "train":  # its model options are those of the model its words name
+            module.add_args(command, _words_of(argv or [], name))
+        else:
+            module.add_args(command)
         command.set_defaults(_handler=module.main)
         commands[name] = command
     return parser, commands
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser of ``argv`` (the command line after the program name, :func:`build_parser`) and what
+    it parses ``argv`` into. Exits with status 2 after an error, as argparse does; the errors that the
+    model of ``train`` decides (no such model, an option of another model or of none) are one line."""
+    argv = list(argv)
+    chosen = _command_in(argv)
+    parser, commands = _build(chosen if chosen in COMMANDS else None, argv)
+    train = commands["train"]
+    if chosen == "train":
+        from particle_vae.commands.train import refusal_before_parsing
+
+        message = refusal_before_parsing(_words_of(argv, "train"))
+        if message:
+            train.exit(EXIT_USER_ERROR, f"{train.prog}: error: {message}\n")
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if getattr(args, "command", None) == "train":
+            from particle_vae.commands.train import refusal_of_unknown
+
+            message = refusal_of_unknown(_words_of(argv, "train"), extras, train.prog)
+            if message:
+                train.exit(EXIT_USER_ERROR, f"{train.prog}: error: {message}\n")
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")  # what parse_args says
+    return parser, args
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -166,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_huge_pages()  # before the commands import torch
     argv = sys.argv[1:] if argv is None else list(argv)
-    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    parser = build_parser(only=chosen if chosen in COMMANDS else None)
-    args = parser.parse_args(argv)
+    parser, args = parse_command_line(argv)
     if not getattr(args, "_handler", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -166,6 +166,19 @@ def test_relaunch_keeps_the_old_stack_folder_spelling_working(tmp_path):
     assert again.stack_dir == tmp_path and again.gpus is None and again.device == "auto"
 
 
+def test_relaunch_parses_the_words_again_with_the_models_options(tmp_path):
+    """A launch parses the user's words again, less the launch options, with the train parser of the first parse."""
+    from particle_vae.engine.launch import launch_argv
+
+    user = ["-q", "train", "p.star", "--model", "mce-vae", "--dec-layers", "3", "--gen-hidden", "16", "--gpus", "2",
+            "--out", str(tmp_path / "run")]
+    _, args = cli.parse_command_line(user)
+    again_argv = launch_argv(user, device="auto")
+    again = args._launch_parser.parse_args(again_argv[again_argv.index("train") + 1:])
+    assert (again.model, again.model_dec_layers, again.model_dec_hidden, again.gpus, again.device) == ("mce-vae", 3, 16, None, "auto")
+    assert cli.parse_command_line(again_argv)[1].model_dec_layers == 3  # and so does the process started with them
+
+
 # --------------------------------------------------------------------------- info and the mixed-box error
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from particle_vae import cli
 from particle_vae.engine.run import RunDirectory
+from particle_vae.errors import ParticleVAEError
 from particle_vae.io.mrc import write_stack
 from particle_vae.io.star import ParticleStar
 from particle_vae.models import MODELS, LossTerms, ModelConfig, ModelOption, PoseVAE, Readout
@@ -144,9 +145,9 @@ def test_every_registered_model_declares_its_options_on_its_config_fields():
         if cls.supports_labels:
             assert "n_classes" in config_fields, name
     assert [name for name, cls in MODELS.items() if cls.supports_labels] == ["equivae"]
-    parser = cli.build_parser(only="train")
     for name, cls in MODELS.items():  # no model's flag collides with the command's own options
-        args = parser.parse_args(["train", "--out", "r", "--model", name])
+        argv = ["train", "--out", "r", "--model", name]
+        args = cli.build_parser(only="train", argv=argv).parse_args(argv)
         assert args.model == name and all(getattr(args, option.dest) is None for option in cls.options), name
 
 
@@ -161,8 +162,10 @@ def test_help_lists_only_the_chosen_models_options(capsys, monkeypatch):
         assert option not in vae, option
     for option in ("--epochs", "--batch-size", "--downsample-to", "--label-column", "--ctf", "--preset", "--model"):
         assert option in vae, option  # the shared data and training options
-    target = listed(help_text([], capsys, monkeypatch))  # the default model's
+    text = help_text([], capsys, monkeypatch)  # the default model's, and how to see another's
+    target = listed(text)
     assert "--fields" in target and "--gumbel-temperature" in target and "--hidden" not in target and "--beta" not in target
+    assert "model target-vae (options of this model;" in text and "--model NAME --help lists NAME's" in target["--model"]
     mce = listed(help_text(["--model=mce-vae"], capsys, monkeypatch))
     assert "--invariance-rotations" in mce and "--dec-hidden" in mce and "--group" not in mce and "--gen-hidden" not in mce
     equivae = listed(help_text(["--model", "equivae"], capsys, monkeypatch))
@@ -215,19 +218,46 @@ def test_an_unknown_option_and_an_unknown_model_are_one_line_errors(stack, tmp_p
     assert "--model nope: no such model (models: beta-vae, equivae," in err
 
 
-def test_one_parser_parses_for_each_model_in_turn(stack):
-    parser = cli.build_parser(only="train")
-    vae = parser.parse_args(["train", str(stack), "--model", "vae", "--hidden", "8", "--out", "r"])
-    target = parser.parse_args(["train", str(stack), "--fields", "4", "--out", "r"])
+def test_the_train_parser_has_the_options_of_the_model_its_command_line_names(stack):
+    vae_argv = ["train", str(stack), "--model", "vae", "--hidden", "8", "--out", "r"]
+    vae = cli.build_parser(only="train", argv=vae_argv).parse_args(vae_argv)
+    target_argv = ["train", str(stack), "--fields", "4", "--out", "r"]
+    target = cli.build_parser(argv=target_argv).parse_args(target_argv)
     assert vae.model == "vae" and vae.model_hidden == 8 and target.model == "target-vae" and target.model_n_fields == 4
     assert not hasattr(target, "model_hidden") and not hasattr(vae, "model_n_fields")
+    wrong = ["train", str(stack), "--model", "vae", "--fields", "4", "--out", "r"]
     with pytest.raises(SystemExit):
-        parser.parse_args(["train", str(stack), "--model", "vae", "--fields", "4", "--out", "r"])
+        cli.build_parser(only="train", argv=wrong).parse_args(wrong)
+    # the command refuses what a parser built for another command line (here: the default model's) parsed
+    args = cli.build_parser(only="train").parse_args(["train", str(stack), "--model", "vae", "--out", "r"])
+    with pytest.raises(ParticleVAEError, match="^--model vae: the command line was parsed with the options of model target-vae"):
+        args._handler(args)
 
 
-def test_old_spellings_of_renamed_options_still_work_and_warn(stack, tmp_path, capsys):
-    parser = cli.build_parser(only="train")
-    args = parser.parse_args(["train", str(stack), "--model", "mce-vae", "--group", "4", "--gen-hidden", "32", "--out", "r"])
+def test_parsing_a_train_command_line_parses_it_with_its_models_options(stack):
+    """:func:`cli.parse_command_line` (what ``particle-vae`` and ``request_from_words`` parse with) builds the
+    train parser for the model the words name, whatever it was before."""
+    for argv, dest, value in [(["train", str(stack), "--model", "vae", "--hidden", "8", "--out", "r"], "model_hidden", 8),
+                              (["-q", "train", str(stack), "--fields", "4", "--out", "r"], "model_n_fields", 4),
+                              (["train", str(stack), "--model=mce-vae", "--dec-layers", "3", "--out", "r"], "model_dec_layers", 3)]:
+        parser, args = cli.parse_command_line(argv)
+        assert getattr(args, dest) == value and args._options_of_model == args.model
+        # a launch of several processes parses the same words again with the train parser it kept
+        again = args._launch_parser.parse_args(argv[argv.index("train") + 1:])
+        assert vars(again) == {key: kept for key, kept in vars(args).items() if key not in ("command", "verbose", "quiet")}
+
+
+@pytest.fixture()
+def unwarned(monkeypatch):
+    """No old option spelling warned about yet in this process (the warning comes once per process)."""
+    from particle_vae.commands import train
+
+    monkeypatch.setattr(train, "_warned_spellings", set())
+
+
+def test_old_spellings_of_renamed_options_still_work_and_warn(stack, tmp_path, capsys, unwarned):
+    argv = ["train", str(stack), "--model", "mce-vae", "--group", "4", "--gen-hidden", "32", "--out", "r"]
+    args = cli.build_parser(only="train", argv=argv).parse_args(argv)
     assert args.model_invariance_rotations == 4 and args.model_dec_hidden == 32
     assert args.old_model_flags == [("--group", "--invariance-rotations"), ("--gen-hidden", "--dec-hidden")]
     # the warning comes first, whatever fails later (here: no such file)
@@ -235,6 +265,20 @@ def test_old_spellings_of_renamed_options_still_work_and_warn(stack, tmp_path, c
                      str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--cluster-dim is the old name of model equivae's --embed-dim; use --embed-dim" in err
+
+
+def test_an_old_spelling_is_warned_about_once_per_process(tmp_path, capsys, unwarned):
+    argv = ["train", str(tmp_path / "absent.star"), "--model", "mce-vae", "--gen-hidden", "32", "--gen-hidden", "64",
+            "--out", str(tmp_path / "run")]
+    warning = "--gen-hidden is the old name of model mce-vae's --dec-hidden; use --dec-hidden"
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.count(warning) == 1  # given twice, warned once
+    assert cli.main(argv) == 2  # e.g. a launch of one process runs the command again in this process
+    err = capsys.readouterr().err
+    assert warning not in err and "absent.star" in err
+    assert cli.main(["train", str(tmp_path / "absent.star"), "--model", "vae", "--gen-hidden", "32", "--out",
+                     str(tmp_path / "run")]) == 2
+    assert "--gen-hidden is the old name of model vae's --hidden" in capsys.readouterr().err  # another model's: its own warning
 
 
 def test_labels_need_a_model_that_trains_with_them(stack, tmp_path, capsys):

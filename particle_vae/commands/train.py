@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -104,12 +103,15 @@ def _train_default(name: str) -> str:
     return _preset_default("train", name, base)
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """The train command's options; those of the model ``--model`` names are added when the
-    command line is parsed (:class:`_ModelFirstParser`)."""
+def add_args(parser: argparse.ArgumentParser, words: list[str] = ()) -> None:
+    """The train command's options, with those of the model that ``words`` (the command's words, as
+    :func:`particle_vae.cli.build_parser` passes them) name with ``--model`` (:func:`model_in`; the
+    default model's without ``--model`` or for a model that does not exist). The command then
+    accepts that model only (:func:`_check_model_use`)."""
     from particle_vae.models import MODELS
 
-    parser.__class__ = _ModelFirstParser.over(type(parser))
+    model = model_in(words)
+    model = model if model in MODELS else DEFAULT_MODEL
     parser.add_argument("input", nargs="?", type=Path,
                         help="particle .star, cryoSPARC particle .cs, .mrcs/.mrc stack or .txt list of stacks")
     parser.add_argument("--out", "-o", type=Path, required=True, help="run directory to create (or resume)")
@@ -121,8 +123,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
                         help="which model to train; its options are listed below (--model NAME --help lists NAME's)")
-    parser.model_group = parser.add_argument_group("model")
-    parser.model_options_of = None
+    parser.set_defaults(_options_of_model=model)
+    model_group = parser.add_argument_group(f"model {model} (options of this model; each overrides the preset, "
+                                            "the preset the model's default)")
 
     labelled = ", ".join(name for name, cls in sorted(MODELS.items()) if cls.supports_labels) or "none"
     data = parser.add_argument_group("data")
@@ -176,76 +179,58 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     from particle_vae.cli import add_launch_options
 
     add_launch_options(parser, "data-parallel training")
-    use_model_options(parser, DEFAULT_MODEL)
+    MODELS[model].add_options(model_group, {preset: values.get("model", {}) for preset, values in TRAINING_PRESETS.items()})
 
 
-def use_model_options(parser: argparse.ArgumentParser, name: str) -> None:
-    """Make ``parser`` (the train command's) offer the options of model ``name`` in its model group,
-    in place of another model's; their help shows the model's defaults and what each preset sets."""
-    from particle_vae.models import MODELS
-
-    if parser.model_options_of == name:
-        return
-    group = parser.model_group
-    for action in list(group._group_actions):  # the previous model's options (argparse has no public way to remove them)
-        group._remove_action(action)
-        for flag in action.option_strings:
-            parser._option_string_actions.pop(flag, None)
-    cls = MODELS[name]
-    group.title = f"model {name} (options of this model; each overrides the preset, the preset the model's default)"
-    cls.add_options(group, {preset: values.get("model", {}) for preset, values in TRAINING_PRESETS.items()})
-    parser.model_options_of = name
-
-
-def _model_in(argv: list[str]) -> str:
-    """The model ``argv`` (the train command's words) names with ``--model``, as argparse will read it."""
+def model_in(words: list[str]) -> str:
+    """The model that ``words`` (the train command's words) name with ``--model``, as argparse will read
+    them; the default model without ``--model`` (or without its value: the full parser says so). The
+    name is not checked (:func:`refusal_before_parsing`)."""
     early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     early.add_argument("--model", default=DEFAULT_MODEL)
     try:
-        return early.parse_known_args(argv)[0].model
+        return early.parse_known_args(list(words))[0].model
     except argparse.ArgumentError:  # e.g. --model without a value: the full parser says so
         return DEFAULT_MODEL
 
 
-class _ModelFirstParser(argparse.ArgumentParser):
-    """The train command's parser: it reads ``--model`` first, then parses the command line with
-    that model's options (:func:`use_model_options`), and refuses in one line an option that the
-    model does not have."""
+def _flags_in(words: list[str]) -> list[str]:
+    """The long options ``words`` give (without ``=VALUE``), up to a ``--``."""
+    words = list(words)
+    words = words[:words.index("--")] if "--" in words else words
+    return [word.partition("=")[0] for word in words if word.startswith("--")]
 
-    @classmethod
-    def over(cls, base: type) -> type:
-        """This parser's behaviour on top of the parser class ``base``."""
-        if issubclass(base, cls):
-            return base
-        return cls if base is argparse.ArgumentParser else type(f"ModelFirst{base.__name__}", (cls, base), {})
 
-    def parse_known_args(self, args=None, namespace=None):
-        """Parse ``args`` with the options of the model they name (see the class)."""
-        from particle_vae.models import MODELS
+def refusal_before_parsing(words: list[str]) -> str | None:
+    """The one-line error for the train command's ``words`` that naming a model decides: a model that
+    does not exist, or an option of another model than the one named; ``None`` when there is none."""
+    from particle_vae.models import MODELS
 
-        argv = list(sys.argv[1:] if args is None else args)
-        name = _model_in(argv)
-        if name not in MODELS:
-            self._refuse(f"--model {name}: no such model (models: {', '.join(sorted(MODELS))})")
-        use_model_options(self, name)
-        words = argv[:argv.index("--")] if "--" in argv else argv
-        flags = [word.partition("=")[0] for word in words if word.startswith("--")]
-        own = {flag for option in MODELS[name].options for flag in (option.flag, *option.old_flags)}
-        for flag in flags:
-            owners = [other for other, cls in sorted(MODELS.items()) if flag in cls.option_flags()]
-            if flag not in own and owners:
-                self._refuse(f"{flag} is not an option of model {name} (its options: {', '.join(MODELS[name].option_flags())}; "
-                             f"{flag} is an option of {', '.join(owners)})")
-        known, extras = super().parse_known_args(argv, namespace)
-        unknown = [word for word in extras if word.startswith("--") and word.partition("=")[0] in flags]
-        if unknown:
-            self._refuse(f"{unknown[0].partition('=')[0]} is not an option of {self.prog} or of model {name} "
-                         f"(its options: {', '.join(MODELS[name].option_flags())}; see --help)")
-        return known, extras
+    name = model_in(words)
+    if name not in MODELS:
+        return f"--model {name}: no such model (models: {', '.join(sorted(MODELS))})"
+    own = {flag for option in MODELS[name].options for flag in (option.flag, *option.old_flags)}
+    for flag in _flags_in(words):
+        owners = [other for other, cls in sorted(MODELS.items()) if flag in cls.option_flags()]
+        if flag not in own and owners:
+            return (f"{flag} is not an option of model {name} (its options: {', '.join(MODELS[name].option_flags())}; "
+                    f"{flag} is an option of {', '.join(owners)})")
+    return None
 
-    def _refuse(self, message: str) -> None:
-        """Exit with status 2 after ``message`` on one line (no usage block)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+
+def refusal_of_unknown(words: list[str], extras: list[str], prog: str) -> str | None:
+    """The one-line error for an option among ``extras`` (the words the train parser of ``words``
+    did not take) that is neither the command's nor its model's; ``None`` when there is none
+    (``prog``: the command's name in the error, ``particle-vae train``)."""
+    from particle_vae.models import MODELS
+
+    flags = _flags_in(words)
+    unknown = [word for word in extras if word.startswith("--") and word.partition("=")[0] in flags]
+    if not unknown:
+        return None
+    name = model_in(words)
+    return (f"{unknown[0].partition('=')[0]} is not an option of {prog} or of model {name} "
+            f"(its options: {', '.join(MODELS[name].option_flags())}; see --help)")
 
 
 def _data(args) -> ParticleData | BenchmarkData:
@@ -286,12 +271,22 @@ def request(args: argparse.Namespace) -> TrainRequest:
                         ctf=bool(args.ctf), overwrite=args.overwrite, preset=args.preset)
 
 
+#: (model, old option spelling) pairs warned about in this process
+_warned_spellings: set[tuple[str, str]] = set()
+
+
 def _check_model_use(args: argparse.Namespace) -> None:
     """One-line errors for data options the chosen model cannot use; warnings for old option spellings."""
     from particle_vae.models import MODELS
 
+    built_for = getattr(args, "_options_of_model", args.model)
+    if built_for != args.model:  # a parser built for another command line (cli.build_parser without argv)
+        raise ParticleVAEError(f"--model {args.model}: the command line was parsed with the options of model {built_for}; "
+                               "build the parser from the command line that names the model (particle_vae.cli.build_parser(argv=...))")
     for old, new in getattr(args, "old_model_flags", None) or []:
-        log.warning("%s is the old name of model %s's %s; use %s", old, args.model, new, new)
+        if (args.model, old) not in _warned_spellings:  # once per process (a one-process launch parses again)
+            _warned_spellings.add((args.model, old))
+            log.warning("%s is the old name of model %s's %s; use %s", old, args.model, new, new)
     if args.resume or MODELS[args.model].supports_labels:
         return
     given = [option for option, value in (("--label-column", args.label_column), ("--labels", args.labels)) if value is not None]
@@ -307,9 +302,9 @@ def request_from_words(words) -> TrainRequest:
     command checks them; for scripts that take train options as words. Launch options (``--gpus``) are
     not acted on. An unknown option exits with status 2 (argparse); out-of-range values raise
     :class:`~particle_vae.errors.ParticleVAEError`."""
-    from particle_vae.cli import build_parser
+    from particle_vae.cli import parse_command_line
 
-    args = build_parser(only="train").parse_args(["train", *map(str, words)])
+    args = parse_command_line(["train", *map(str, words)])[1]
     check_options(args)
     _check_model_use(args)
     return request(args)

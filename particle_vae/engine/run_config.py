@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,17 +232,12 @@ class RunConfig:
 
 def _check(config: dict, path: str | Path) -> None:
     """One-line errors for unknown, missing or impossible keys of a migrated config."""
-    for key in config:
-        if key not in CONFIG_KEYS:
-            raise InputFileError(f"unknown key {key!r} (a run configuration has {', '.join(CONFIG_KEYS)})", path, _FIX_UNKNOWN)
-    for key in CONFIG_KEYS:
-        if key not in config:
-            raise InputFileError(f"lacks the key {key!r}", path, _FIX_MISSING)
+    _check_fields(config, CONFIG_KEYS, "key", path, known_text=f"a run configuration has {', '.join(CONFIG_KEYS)}")
     for key in ("data", "train", "model"):
         if not isinstance(config[key], dict):
             raise InputFileError(f"{key!r} must be a JSON object, not {type(config[key]).__name__}", path,
                                  "restore the file or train again with --overwrite")
-    _check_fields(config["train"], _train_settings_class(), "training setting", '"train"', path)
+    _check_fields(config["train"], _field_names(_train_settings_class()), "training setting", path, where='"train"')
     models = _models()
     name = config["model"].get("model")
     if name not in models:
@@ -250,7 +245,7 @@ def _check(config: dict, path: str | Path) -> None:
                              "read this run with the particle-vae version that wrote it")
     settings = {key: value for key, value in config["model"].items() if key != "model"}
     config_class = models[name].config_class
-    _check_fields(settings, config_class, f"{name} model setting", '"model"', path)
+    _check_fields(settings, _field_names(config_class), f"{name} model setting", path, where='"model"')
     try:
         model_config = config_class(**settings)
         if hasattr(model_config, "validate"):
@@ -260,11 +255,29 @@ def _check(config: dict, path: str | Path) -> None:
                              "correct the value or train the run again") from None
 
 
-def _check_fields(settings: dict, cls: type, what: str, where: str, path: str | Path) -> None:
-    known = [item.name for item in dataclasses.fields(cls)]
+def _field_names(cls: type) -> list[str]:
+    """The field names of the dataclass ``cls``, in order."""
+    return [item.name for item in dataclasses.fields(cls)]
+
+
+def _check_fields(settings: Mapping, known: Sequence[str], what: str, path: str | Path, where: str | None = None,
+                  known_text: str | None = None) -> None:
+    """A one-line error for the first key of ``settings`` not in ``known``, else for the first of ``known``
+    that ``settings`` lacks.
+
+    Args:
+        settings: the keys to check (a JSON object of the config, or the config itself).
+        known: the keys it must hold, no more and no fewer.
+        what: what a key is, in the errors (``"key"``, ``"training setting"``).
+        path: the file, named in the errors.
+        where: the config key that holds ``settings`` (``'"train"'``), said as ``in WHERE``; ``None``: the top level.
+        known_text: what the error of an unknown key says in brackets (default: ``known: KEY, ...``).
+    """
+    place = f" in {where}" if where is not None else ""
     for key in settings:
         if key not in known:
-            raise InputFileError(f"unknown {what} {key!r} in {where} (known: {', '.join(known)})", path, _FIX_UNKNOWN)
+            listing = known_text if known_text is not None else f"known: {', '.join(known)}"
+            raise InputFileError(f"unknown {what} {key!r}{place} ({listing})", path, _FIX_UNKNOWN)
     for key in known:
         if key not in settings:
-            raise InputFileError(f"lacks the {what} {key!r} in {where}", path, _FIX_MISSING)
+            raise InputFileError(f"lacks the {what} {key!r}{place}", path, _FIX_MISSING)
