@@ -58,7 +58,7 @@ class SimulateRequest:
     """What :func:`simulate` writes.
 
     Attributes:
-        config: every setting of the simulation (:class:`~particle_vae.data.simulate.SimulationConfig`;
+        config: every setting of the simulation (:class:`~particle_vae.data.simulation.SimulationConfig`;
             :meth:`from_preset` builds one from a preset, as ``particle-vae simulate`` does).
         out: output folder (created).
         overwrite: replace existing output files (never an input).
@@ -83,7 +83,7 @@ class SimulateRequest:
                     **settings) -> SimulateRequest:
         """A request for ``n`` particles of preset ``preset`` (``t20s``, ``groel``, ``mixture``) written to ``out``.
 
-        ``settings``: any :class:`~particle_vae.data.simulate.SimulationConfig` field (``snr``, ``box`` in
+        ``settings``: any :class:`~particle_vae.data.simulation.SimulationConfig` field (``snr``, ``box`` in
         pixels, ``pixel_size`` in Angstrom, ``max_shift`` in output pixels, ...), ``None`` meaning the
         preset's; ``data_dir``: the reference-data folder holding ``structures/`` (default
         ``$PARTICLE_VAE_DATA``). Raises :class:`~particle_vae.errors.InputFileError` for an unknown preset,
