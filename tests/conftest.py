@@ -54,6 +54,13 @@ def cryoem_dir(data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/data/fixtures: a few-kB set of files in the layout of the reference data's, written by make_fixtures.py
+    there (README.md; manifest.json says what each holds). It ships with the tests, so a test using it never skips."""
+    return Path(__file__).resolve().parent / "data" / "fixtures"
+
+
+@pytest.fixture(scope="session")
 def mnist_dir(data_root: Path) -> Path:
     return data_root / "mnist"
 

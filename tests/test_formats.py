@@ -1,11 +1,14 @@
 """Files from other programs: RELION 5 STARs (CTF premultiplication, optics aberrations), `info` on
 metadata alone, cryoSPARC .cs particle files in and out (`export`), on the real files of
-../shared/data/cryoem/formats."""
+../shared/data/cryoem/formats (``formats_dir``: whole files) and on the small files in their layout that
+tests/data/fixtures holds (``fixtures_dir``: same names, blocks, columns and fields, values invented by its
+make_fixtures.py; manifest.json there says how many rows and which values)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +41,16 @@ def formats_dir() -> Path:
             pytest.fail(f"reference data {folder} missing under CI")
         pytest.skip("reference data not found: set PARTICLE_VAE_DATA or place it at ../shared/data")
     return folder
+
+
+def kept(fixtures_dir: Path, name: str, what: str = "rows") -> int:
+    """How many rows (or stacks, images, ...) the fixture ``name`` holds (tests/data/fixtures/manifest.json)."""
+    return json.loads((fixtures_dir / "manifest.json").read_text())[name][what]
+
+
+def made(fixtures_dir: Path, name: str) -> dict:
+    """The values make_fixtures.py invented for the fixture ``name`` and wrote into it (manifest.json)."""
+    return kept(fixtures_dir, name, "values")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -85,18 +98,27 @@ def test_info_no_images_summarises_every_shipped_file(formats_dir, capsys, monke
     assert p12["pose_columns"] == ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
 
 
-def test_info_shows_the_metadata_then_one_line_error(formats_dir, capsys):
-    # relion5.star's optics say 448 px, its stacks hold 30 px images: the file itself is inconsistent
-    code, out, err = run(["info", "--sample", "0", str(formats_dir / RELION5)], capsys)
-    assert code == 2 and "particles       17" in out and "optics group    1 (opticsGroup1): 0.89 A/px, 448 px" in out
-    assert err.count("\n") == 1 and "rlnImageSize says 448 px but the stacks hold 30x30 px images" in err and "Traceback" not in err
+def test_info_shows_the_metadata_then_one_line_error(fixtures_dir, capsys):
+    # relion5.star's optics give an image size its stacks do not have (448 px against 30 px in the RELION 5 file it is
+    # modelled on): the file itself is inconsistent
+    optics, box = made(fixtures_dir, RELION5), kept(fixtures_dir, "toy_images_a.mrcs", "box")
+    assert optics["image_size"] != box == kept(fixtures_dir, "toy_images_b.mrcs", "box")
+    code, out, err = run(["info", "--sample", "0", str(fixtures_dir / RELION5)], capsys)
+    assert code == 2 and f"particles       {kept(fixtures_dir, RELION5)}\n" in out
+    assert f"optics group    1 (opticsGroup1): {optics['pixel_size']:g} A/px, {optics['image_size']} px" in out
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"rlnImageSize says {optics['image_size']} px but the stacks hold {box}x{box} px images" in err
     # missing stacks: the metadata first (where the stacks were looked for), then the error naming --stack-dir
-    code, out, err = run(["info", str(formats_dir / "relion31.6opticsgroups.star")], capsys)
-    assert code == 2 and "139 named, 0 found" in out and "looked for as" in out
+    polished = "relion31.6opticsgroups.star"
+    code, out, err = run(["info", str(fixtures_dir / polished)], capsys)
+    assert code == 2 and f" {kept(fixtures_dir, polished, 'stacks')} named, 0 found" in out and "looked for as" in out
     assert err.count("\n") == 1 and "--stack-dir" in err
-    code, out, err = run(["info", str(formats_dir / P12)], capsys)
-    assert code == 2 and "particles       2019" in out and err.count("\n") == 1
-    assert "blob/path" in err and "nor 49 other stack(s) of 50" in err and "the folder holding J19/" in err
+    code, out, err = run(["info", str(fixtures_dir / P12)], capsys)
+    assert code == 2 and f"particles       {kept(fixtures_dir, P12)}\n" in out and err.count("\n") == 1
+    stacks = kept(fixtures_dir, P12, "stacks")
+    project_job = made(fixtures_dir, P12)["first_blob_path"].split("/")[0]  # J19 in the cryoSPARC file it is modelled on
+    assert stacks > 1 and "blob/path" in err and f"nor {stacks - 1} other stack(s) of {stacks}" in err
+    assert f"the folder holding {project_job}/)" in err
 
 
 def test_info_warns_when_relion_run_here_would_miss_the_stacks(cryoem_dir, capsys, monkeypatch, tmp_path):
@@ -114,31 +136,35 @@ def test_info_warns_when_relion_run_here_would_miss_the_stacks(cryoem_dir, capsy
 # --------------------------------------------------------------------------- RELION 5: optics kept, premultiplied CTF
 
 
-def test_relion5_optics_fields_survive_a_rewrite(formats_dir, tmp_path):
-    original = read_star(formats_dir / RELION5)
+def test_relion5_optics_fields_survive_a_rewrite(fixtures_dir, tmp_path):
+    original = read_star(fixtures_dir / RELION5)
     again = read_star(write_star(tmp_path / "copy.star", original))
     for name in ("optics", "particles"):
         assert list(again.blocks[name].columns) == list(original.blocks[name].columns)
         assert again.blocks[name].astype(str).equals(original.blocks[name].astype(str)), name
-    optics = again.blocks["optics"].iloc[0]
-    assert optics["rlnOddZernike"].startswith("[0.0680480107376,") and optics["rlnMagMat01"] == pytest.approx(-7.04404e-04)
+    optics, values = again.blocks["optics"].iloc[0], made(fixtures_dir, RELION5)
+    assert optics["rlnOddZernike"] == values["odd_zernike"] and optics["rlnMagMat01"] == pytest.approx(values["mag_mat"][1])
 
 
-def premultiplied_copy(formats_dir: Path, tmp_path: Path) -> Path:
-    text = (formats_dir / RELION5).read_text()
-    row = "opticsGroup1            1     0.890000   100.000000     1.600000     0.100000     0.890000          448            2            0 "
-    assert row in text
+def premultiplied_copy(folder: Path, tmp_path: Path) -> Path:
+    """relion5.star with the 0 of its optics row's rlnCtfDataAreCtfPremultiplied (the 10th value) made 1, nothing else."""
+    text = (folder / RELION5).read_text()
+    assert "\n_rlnCtfDataAreCtfPremultiplied #10 \n" in text
+    row = next(line for line in text.splitlines() if line.startswith("opticsGroup1 "))
+    parts = re.split(r"(\s+)", row)  # value, spaces, value, ...
+    assert parts[18] == "0"
+    parts[18] = "1"
     path = tmp_path / "premultiplied.star"
-    path.write_text(text.replace(row, row[:-2] + "1 "))
+    path.write_text(text.replace(row, "".join(parts)))
     return path
 
 
-def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(formats_dir, tmp_path):
+def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(fixtures_dir, tmp_path):
     from particle_vae.api import ctf_provider
 
-    plain = ParticleStar(formats_dir / RELION5)
+    plain = ParticleStar(fixtures_dir / RELION5)
     assert not plain.ctf_parameters()["premultiplied"].any()
-    star = ParticleStar(premultiplied_copy(formats_dir, tmp_path))
+    star = ParticleStar(premultiplied_copy(fixtures_dir, tmp_path))
     table = star.ctf_parameters()
     assert table["premultiplied"].all()
     physical = ctf_from_table(table, 32, 2.0, dtype=torch.float64)
@@ -155,26 +181,30 @@ def test_premultiplied_particles_get_the_ctf_squared_in_the_training_likelihood(
 # --------------------------------------------------------------------------- cryoSPARC -> RELION
 
 
-def test_cryosparc_2d_alignments_become_psi_and_origins(formats_dir):
-    records = read_cryosparc(formats_dir / J2)
-    star = cryosparc_to_star(records, formats_dir / J2)
+def test_cryosparc_2d_alignments_become_psi_and_origins(fixtures_dir):
+    records = read_cryosparc(fixtures_dir / J2)
+    star = cryosparc_to_star(records, fixtures_dir / J2)
     row, first = star.particles.iloc[0], records[0]
-    psize = float(np.float32(first["blob/psize_A"]))
-    assert row["rlnImageName"] == "000001@J1/imported/000090334788266266069_18jam15b_0345_ali_DW.mrcs"
+    psize, values = float(np.float32(first["blob/psize_A"])), made(fixtures_dir, J2)
+    assert values["blob_path"].startswith(">") and first["blob/idx"] == 0
+    assert row["rlnImageName"] == "000001@" + values["blob_path"][1:]  # exported '>' path: relative to the project
     assert row["rlnAnglePsi"] == pytest.approx(np.degrees(first["alignments2D/pose"]))  # psi = degrees(pose)
-    assert (row["rlnOriginXAngst"], row["rlnOriginYAngst"]) == pytest.approx((0.0, 12.0 * psize))  # origin = shift * psize
+    shift_x, shift_y = values["first_shift"]
+    assert first["alignments2D/shift"].tolist() == [shift_x, shift_y] and 0 != shift_x != shift_y != 0
+    assert (row["rlnOriginXAngst"], row["rlnOriginYAngst"]) == pytest.approx((shift_x * psize, shift_y * psize))  # origin = shift * psize
     assert row["rlnDefocusU"] == float(first["ctf/df1_A"]) and row["rlnDefocusV"] == float(first["ctf/df2_A"])
     assert row["rlnDefocusAngle"] == pytest.approx(np.degrees(first["ctf/df_angle_rad"]))
     assert row["rlnClassNumber"] == first["alignments2D/class"] + 1 and "rlnRandomSubset" not in star.particles
     optics = star.optics.iloc[0]
-    assert (optics["rlnVoltage"], optics["rlnSphericalAberration"], optics["rlnAmplitudeContrast"]) == (300.0, 2.7, 0.1)
-    assert np.float32(optics["rlnImagePixelSize"]) == first["blob/psize_A"] and optics["rlnImageSize"] == 300
+    assert (optics["rlnVoltage"], optics["rlnSphericalAberration"], optics["rlnAmplitudeContrast"]) == (
+        values["voltage"], values["cs"], values["amplitude_contrast"])  # 300.0, 2.7, 0.07: float32 to their shortest decimals
+    assert np.float32(optics["rlnImagePixelSize"]) == first["blob/psize_A"] and optics["rlnImageSize"] == values["box"]
     assert star.particles[UID_COLUMN].to_numpy().astype(np.uint64).tolist() == records["uid"].tolist()
 
 
-def test_cryosparc_3d_pose_is_relion_euler_of_the_transposed_rotation(formats_dir):
-    records = read_cryosparc(formats_dir / P12)
-    star = cryosparc_to_star(records, formats_dir / P12)
+def test_cryosparc_3d_pose_is_relion_euler_of_the_transposed_rotation(fixtures_dir):
+    records = read_cryosparc(fixtures_dir / P12)
+    star = cryosparc_to_star(records, fixtures_dir / P12)
     angles = star.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     expected = np.transpose(Rotation.from_rotvec(records["alignments3D/pose"].astype(np.float64)).as_matrix(), (0, 2, 1))
     assert np.abs(euler_to_matrix(*angles.T) - expected).max() < 1e-9
@@ -235,10 +265,10 @@ def assert_same_records(got: np.ndarray, expected: np.ndarray, skip=()) -> None:
             assert np.array_equal(got[field], expected[field], equal_nan=floats), field
 
 
-def test_nan_in_a_cryosparc_float_field_survives_the_round_trip(formats_dir, tmp_path, capsys, monkeypatch):
+def test_nan_in_a_cryosparc_float_field_survives_the_round_trip(fixtures_dir, tmp_path, capsys, monkeypatch):
     """A NaN is a value of a float field (a score cryoSPARC could not compute), not a gap."""
     monkeypatch.chdir(tmp_path)
-    records = np.load(formats_dir / P12)
+    records = np.load(fixtures_dir / P12)
     # a score (not a pixel size or a CTF value, which must be numbers)
     float_fields = [name for name in records.dtype.names if records.dtype[name].kind == "f" and not records.dtype[name].shape
                     and name.endswith("/error")]
@@ -252,9 +282,9 @@ def test_nan_in_a_cryosparc_float_field_survives_the_round_trip(formats_dir, tmp
     assert_same_records(back, records)
 
 
-def test_a_damaged_kept_cryosparc_column_is_a_one_line_error(formats_dir, tmp_path, capsys, monkeypatch):
+def test_a_damaged_kept_cryosparc_column_is_a_one_line_error(fixtures_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run(["-q", "export", str(formats_dir / J2), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    assert run(["-q", "export", str(fixtures_dir / J2), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
     text = Path("p.star").read_text()
     column = next(line.split()[0] for line in text.splitlines() if line.startswith("_pvaeCs_f4_"))
     Path("bad.star").write_text(text.replace(column + " ", column.replace("_pvaeCs_f4_", "_pvaeCs_i3_") + " ", 1))
@@ -263,13 +293,16 @@ def test_a_damaged_kept_cryosparc_column_is_a_one_line_error(formats_dir, tmp_pa
     assert code == 2 and len(message) == 1 and "i3" in message[0] and "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", [J2, P12])
-def test_cs_to_star_and_back_gives_every_field_back_exactly(formats_dir, tmp_path, capsys, monkeypatch, name):
+@pytest.mark.parametrize("folder, name", [pytest.param("formats_dir", name, id=name) for name in (J2, P12)]
+                         + [pytest.param("fixtures_dir", name, id=f"fixtures/{name}") for name in (J2, P12)])
+def test_cs_to_star_and_back_gives_every_field_back_exactly(request, tmp_path, capsys, monkeypatch, folder, name):
+    """Whole files (formats_dir), and the rows tests/data/fixtures keeps of them (fixtures_dir, run without the data)."""
+    source = request.getfixturevalue(folder)
     monkeypatch.chdir(tmp_path)
-    original = np.load(formats_dir / name)
-    assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    original = np.load(source / name)
+    assert run(["-q", "export", str(source / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
     assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "plain.cs"], capsys)[0] == 0
-    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--template", str(formats_dir / name), "--out", "t.cs"], capsys)[0] == 0
+    assert run(["-q", "export", "p.star", "--to", "cryosparc", "--template", str(source / name), "--out", "t.cs"], capsys)[0] == 0
     # without a template, from the STAR alone: every field (scores, ctf/type, blob/import_sig, '>' paths, 3D poses
     # with their turns of 2 pi, ...) in its order and type, value for value
     assert_same_records(np.load("plain.cs"), original)
@@ -285,7 +318,7 @@ def test_cs_to_star_and_back_gives_every_field_back_exactly(formats_dir, tmp_pat
     assert run(["-q", "export", "six.star", "--to", "cryosparc", "--out", "six.cs"], capsys)[0] == 0
     assert_same_records(np.load("six.cs"), original)
     # --drop-cryosparc-fields: the converted fields only
-    assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--drop-cryosparc-fields", "--out", "lean.star"], capsys)[0] == 0
+    assert run(["-q", "export", str(source / name), "--to", "relion", "--drop-cryosparc-fields", "--out", "lean.star"], capsys)[0] == 0
     assert not [c for c in ParticleStar("lean.star").particles.columns if c.startswith("pvaeCs_")]
     assert run(["-q", "export", "lean.star", "--to", "cryosparc", "--out", "lean.cs"], capsys)[0] == 0
     lean = np.load("lean.cs")
@@ -294,12 +327,13 @@ def test_cs_to_star_and_back_gives_every_field_back_exactly(formats_dir, tmp_pat
     assert np.array_equal(lean["ctf/df1_A"], original["ctf/df1_A"]) and "blob/import_sig" not in lean.dtype.names
 
 
-def test_changed_relion_columns_win_over_the_kept_values(formats_dir, tmp_path, capsys, monkeypatch):
+def test_changed_relion_columns_win_over_the_kept_values(fixtures_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "a").mkdir()
     for name in (J2, P12):
         monkeypatch.chdir(tmp_path / "a" if name == J2 else tmp_path)
-        original = np.load(formats_dir / name)
-        assert run(["-q", "export", str(formats_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+        original = np.load(fixtures_dir / name)
+        assert len(original) > 3  # particles 0 and 1 changed, 2 dropped, the rest untouched
+        assert run(["-q", "export", str(fixtures_dir / name), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
         star = ParticleStar("p.star")
         angle = "rlnAnglePsi" if name == J2 else "rlnAngleRot"
         angles = star.particles[angle].to_numpy().copy()
@@ -349,7 +383,7 @@ def test_kept_text_and_integer_fields_survive_any_value(tmp_path):
     assert_same_records(again, records)
 
 
-def test_cryosparc_beam_tilt_becomes_relion_beam_tilt_in_mrad(formats_dir, tmp_path, capsys, monkeypatch):
+def test_cryosparc_beam_tilt_becomes_relion_beam_tilt_in_mrad(fixtures_dir, tmp_path, capsys, monkeypatch):
     from particle_vae.io.cryosparc import beam_tilt_mrad
 
     # hand-computed: a coma coefficient of 270 nm = 2700 A at Cs 2.7 mm is a beam tilt of 2700 / (2.7 * 1e4) = 0.1 mrad
@@ -363,7 +397,7 @@ def test_cryosparc_beam_tilt_becomes_relion_beam_tilt_in_mrad(formats_dir, tmp_p
     assert relion_rad == pytest.approx(2 * np.pi * lam ** 2 * (k @ k) * (k @ np.array([2700.0, -1350.0])), rel=1e-12)
 
     monkeypatch.chdir(tmp_path)
-    records = read_cryosparc(formats_dir / J2)
+    records = read_cryosparc(fixtures_dir / J2)
     records["ctf/tilt_A"] = [2700.0, -1350.0]
     with open("tilted.cs", "wb") as handle:
         np.save(handle, records)
@@ -379,28 +413,29 @@ def test_cryosparc_beam_tilt_becomes_relion_beam_tilt_in_mrad(formats_dir, tmp_p
     write_star("more.star", tilted)
     assert run(["-q", "export", "more.star", "--to", "cryosparc", "--out", "more.cs"], capsys)[0] == 0
     assert np.load("more.cs")["ctf/tilt_A"][:, 0] == pytest.approx(5400.0, rel=1e-6)
-    # a RELION 5 STAR without a template: rlnBeamTiltX/Y 0.043489, 0.014097 mrad at Cs 1.6 mm
-    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--out", "r5.cs"], capsys)
+    # a RELION 5 STAR without a template: its rlnBeamTiltX/Y (mrad) at its Cs (mm)
+    code, _, err = run(["export", str(fixtures_dir / RELION5), "--to", "cryosparc", "--out", "r5.cs"], capsys)
     assert code == 0, err
-    assert np.load("r5.cs")["ctf/tilt_A"][0] == pytest.approx([0.043489 * 1.6e4, 0.014097 * 1.6e4], rel=1e-6)  # 695.824, 225.552 A
+    (tilt_x, tilt_y), cs = made(fixtures_dir, RELION5)["beam_tilt"], made(fixtures_dir, RELION5)["cs"]
+    assert tilt_x != 0 != tilt_y and np.load("r5.cs")["ctf/tilt_A"][0] == pytest.approx([tilt_x * cs * 1e4, tilt_y * cs * 1e4], rel=1e-6)
     assert "rlnOddZernike, rlnEvenZernike, rlnMagMat00" in err and "rlnBeamTiltX" not in err
 
 
-def test_a_csg_result_group_is_written_beside_the_cs(formats_dir, tmp_path, capsys, monkeypatch):
+def test_a_csg_result_group_is_written_beside_the_cs(fixtures_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run(["-q", "export", str(formats_dir / P12), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
+    assert run(["-q", "export", str(fixtures_dir / P12), "--to", "relion", "--out", "p.star"], capsys)[0] == 0
     assert run(["-q", "export", "p.star", "--to", "cryosparc", "--out", "out/sel.cs"], capsys)[0] == 0
     group = read_csg(Path("out/sel.csg"))
     assert set(group) == {"created", "group", "results"} and group["group"]["type"] == "particle"
-    assert group["results"] == {slot: {"metafile": ">sel.cs", "num_items": 2019, "type": f"particle.{slot}"}
+    assert group["results"] == {slot: {"metafile": ">sel.cs", "num_items": kept(fixtures_dir, P12), "type": f"particle.{slot}"}
                                 for slot in ("alignments3D", "blob", "ctf")}
     # an export's own .csg beside the template lends its group and cryoSPARC version
     export = tmp_path / "exports" / "J24_particles"
     export.mkdir(parents=True)
-    shutil.copy(formats_dir / J2, export / "J24_particles_exported.cs")
+    shutil.copy(fixtures_dir / J2, export / "J24_particles_exported.cs")
     (export / "J24_particles_exported.csg").write_text(
         "created: 2024-05-01 10:00:00.000000\ngroup:\n  description: All particles\n  name: particles\n  title: All particles\n"
-        "  type: particle\nresults:\n  blob:\n    metafile: '>J24_particles_exported.cs'\n    num_items: 22\n"
+        f"  type: particle\nresults:\n  blob:\n    metafile: '>J24_particles_exported.cs'\n    num_items: {kept(fixtures_dir, J2)}\n"
         "    type: particle.blob\nversion: v4.4.1\n")
     assert run(["-q", "export", str(export / "J24_particles_exported.cs"), "--to", "relion", "--out", "j.star"], capsys)[0] == 0
     ParticleStar("j.star").subset(np.arange(5)).write("five.star")
@@ -484,7 +519,7 @@ def test_a_cs_file_trains_infers_and_goes_back_to_cryosparc(cryosparc_project, t
 # --------------------------------------------------------------------------- errors
 
 
-def test_bad_cryosparc_and_export_inputs_give_one_line(formats_dir, tmp_path, capsys, monkeypatch):
+def test_bad_cryosparc_and_export_inputs_give_one_line(fixtures_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text.cs").write_text("not numpy\n")
     code, _, err = run(["info", str(tmp_path / "text.cs")], capsys)
@@ -494,11 +529,11 @@ def test_bad_cryosparc_and_export_inputs_give_one_line(formats_dir, tmp_path, ca
         np.save(handle, passthrough)
     code, _, err = run(["info", "--no-images", str(tmp_path / "passthrough.cs")], capsys)
     assert code == 2 and "has no blob/path and blob/idx field" in err and "passthrough" in err
-    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--out", "x.star"], capsys)
+    code, _, err = run(["export", str(fixtures_dir / RELION5), "--to", "cryosparc", "--out", "x.star"], capsys)
     assert code == 2 and "writes a .cs file" in err
-    code, _, err = run(["export", str(formats_dir / RELION5), "--to", "cryosparc", "--template", str(formats_dir / J2),
+    code, _, err = run(["export", str(fixtures_dir / RELION5), "--to", "cryosparc", "--template", str(fixtures_dir / J2),
                         "--out", "x.cs"], capsys)
     assert code == 2 and err.count("\n") == 1 and UID_COLUMN in err and not Path("x.cs").exists()
-    shutil.copy(formats_dir / RELION5, "r5.star")
+    shutil.copy(fixtures_dir / RELION5, "r5.star")
     code, _, err = run(["export", "r5.star", "--to", "relion", "--out", "r5.star", "--overwrite"], capsys)
     assert code == 2 and "is an input" in err

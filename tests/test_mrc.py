@@ -13,9 +13,12 @@ from particle_vae.errors import InputFileError, OutputFileError
 from particle_vae.io.mrc import MODE_DTYPES, MRCStack, StackWriter, read_header, read_map, write_map, write_stack
 
 
-@pytest.mark.parametrize("name", ["relion31/relion31.mrcs", "toy_projections/toy_projections.mrcs"])
-def test_reads_real_stacks_like_mrcfile(cryoem_dir, name):
-    path = cryoem_dir / name
+@pytest.mark.parametrize("folder, name", [pytest.param("cryoem_dir", name, id=name)
+                                          for name in ("relion31/relion31.mrcs", "toy_projections/toy_projections.mrcs")]
+                         + [pytest.param("fixtures_dir", name, id=f"fixtures/{name}")  # stacks written by make_fixtures.py
+                            for name in ("toy_projections.mrcs", "toy_images_a.mrcs")])
+def test_reads_real_stacks_like_mrcfile(request, folder, name):
+    path = request.getfixturevalue(folder) / name
     stack = MRCStack(path)
     with mrcfile.open(path, permissive=True) as reference:
         data = reference.data
@@ -154,9 +157,9 @@ def test_written_map_reads_back_in_mrcfile_and_mrcfile_maps_in_ours(tmp_path):
     assert voxel == 2.0
 
 
-def test_truncated_stack_gives_one_line_error(cryoem_dir, tmp_path):
+def test_truncated_stack_gives_one_line_error(fixtures_dir, tmp_path):
     copy = tmp_path / "short.mrcs"
-    shutil.copy(cryoem_dir / "toy_projections" / "toy_projections.mrcs", copy)
+    shutil.copy(fixtures_dir / "toy_projections.mrcs", copy)
     with open(copy, "r+b") as handle:
         handle.truncate(copy.stat().st_size - 100)
     with pytest.raises(InputFileError) as info:

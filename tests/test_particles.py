@@ -1,7 +1,11 @@
-"""Particle sources, ParticleDataset, samplers and loaders on the real reference stacks."""
+"""Particle sources, ParticleDataset, samplers and loaders on the real reference stacks (``toy_*``: the
+1000-image toy_projections set of the reference data) and on the few-image stand-in that tests/data/fixtures
+holds (``tiny_*``: a STAR in that set's layout, unknown column included, and a 30 px stack of our own, both
+written by its make_fixtures.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -39,6 +43,25 @@ def toy_star(cryoem_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def toy_stack(cryoem_dir: Path) -> Path:
     return cryoem_dir / "toy_projections" / "toy_projections.mrcs"
+
+
+@pytest.fixture(scope="module")
+def tiny_star(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "toy_projections.star"
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "toy_projections.mrcs"
+
+
+@pytest.fixture(scope="module")
+def tiny_n(fixtures_dir: Path) -> int:
+    """How many images tiny_stack holds and tiny_star names, one each (tests/data/fixtures/manifest.json)."""
+    manifest = json.loads((fixtures_dir / "manifest.json").read_text())
+    n = manifest["toy_projections.mrcs"]["images"]
+    assert manifest["toy_projections.star"]["rows"] == n >= 5
+    return n
 
 
 def mrcfile_images(path: Path) -> np.ndarray:
@@ -95,30 +118,32 @@ def test_relion31_star_matches_mrcfile(relion31_star: Path):
         dataset[5]
 
 
-def test_relion30_star_with_unknown_column(toy_star: Path, toy_stack: Path):
-    source = open_source(toy_star)
-    assert (source.kind, len(source), source.box) == ("star", 1000, 30)
+def test_relion30_star_with_unknown_column(tiny_star: Path, tiny_stack: Path, tiny_n: int):
+    source = open_source(tiny_star)
+    assert (source.kind, len(source), source.box) == ("star", tiny_n, 30)
     assert "dummyVariable" in source.star.particles.columns  # the unknown column survives
     # no pixel size in this STAR: it comes from the stack header
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with mrcfile.open(toy_stack, permissive=True, header_only=True) as mrc:
+        with mrcfile.open(tiny_stack, permissive=True, header_only=True) as mrc:
             header_apix = float(mrc.voxel_size.x)
     assert source.pixel_size_from == "header" and source.pixel_size == pytest.approx(header_apix)
-    assert open_source(toy_star, pixel_size=1.7).pixel_size == 1.7
-    reference = mrcfile_images(toy_stack)
+    assert open_source(tiny_star, pixel_size=1.7).pixel_size == 1.7
+    reference = mrcfile_images(tiny_stack)
     dataset = ParticleDataset(source)
-    picks = np.random.default_rng(0).permutation(1000)[:300]
+    picks = np.random.default_rng(0).permutation(tiny_n)[:-1]  # a shuffled subset
     np.testing.assert_array_equal(dataset.read(picks), reference[picks])
-    np.testing.assert_array_equal(dataset.read(np.arange(1000)), reference)
-    np.testing.assert_array_equal(dataset.read([7, 7, 3]), reference[[7, 7, 3]])
+    np.testing.assert_array_equal(dataset.read(np.arange(tiny_n)), reference)
+    repeated = [tiny_n - 1, tiny_n - 1, tiny_n // 2]
+    np.testing.assert_array_equal(dataset.read(repeated), reference[repeated])
 
 
-def test_star_input_order_datadir_and_storage_order(tmp_path: Path, toy_stack: Path):
+def test_star_input_order_datadir_and_storage_order(tmp_path: Path, tiny_stack: Path, tiny_n: int):
     stacks = tmp_path / "project" / "Extract"
     stacks.mkdir(parents=True)
-    shutil.copy(toy_stack, stacks / "parts.mrcs")
-    rows = np.random.default_rng(1).permutation(1000)[:50]
+    shutil.copy(tiny_stack, stacks / "parts.mrcs")
+    rows = np.random.default_rng(1).permutation(tiny_n)
+    assert (np.diff(rows) < 0).any()  # STAR order is not storage order
     star = write_star30(tmp_path / "elsewhere.star", [image_name(int(i), "Extract/parts.mrcs") for i in rows])
     with pytest.raises(InputFileError) as excinfo:
         open_source(star)
@@ -126,45 +151,47 @@ def test_star_input_order_datadir_and_storage_order(tmp_path: Path, toy_stack: P
     source = open_source(star, datadir=tmp_path / "project")
     assert source.stack_paths == [stacks / "parts.mrcs"]
     np.testing.assert_array_equal(source.image_index, rows)
-    reference = mrcfile_images(toy_stack)
+    reference = mrcfile_images(tiny_stack)
     dataset = ParticleDataset(source)
-    np.testing.assert_array_equal(dataset.read(np.arange(50)), reference[rows])  # STAR (input) order
+    np.testing.assert_array_equal(dataset.read(np.arange(len(rows))), reference[rows])  # STAR (input) order
     order = dataset.storage_order()
     assert np.all(np.diff(source.image_index[order]) > 0)
 
 
-def test_relion31_star_written_by_make_particle_star(tmp_path: Path, toy_stack: Path):
-    shutil.copy(toy_stack, tmp_path / "toy.mrcs")
-    star = make_particle_star([image_name(i, "toy.mrcs") for i in range(0, 1000, 10)], pixel_size=2.5, box=30)
+def test_relion31_star_written_by_make_particle_star(tmp_path: Path, tiny_stack: Path, tiny_n: int):
+    shutil.copy(tiny_stack, tmp_path / "toy.mrcs")
+    every_other = range(0, tiny_n, 2)
+    star = make_particle_star([image_name(i, "toy.mrcs") for i in every_other], pixel_size=2.5, box=30)
     path = star.write(tmp_path / "toy31.star")
     source = open_source(path)
-    assert (len(source), source.pixel_size, source.pixel_size_from) == (100, 2.5, "star")
-    np.testing.assert_array_equal(ParticleDataset(source).read(np.arange(100)), mrcfile_images(toy_stack)[::10])
+    assert (len(source), source.pixel_size, source.pixel_size_from) == (len(every_other), 2.5, "star")
+    np.testing.assert_array_equal(ParticleDataset(source).read(np.arange(len(every_other))), mrcfile_images(tiny_stack)[::2])
 
 
-def test_bare_stack(toy_stack: Path):
-    source = open_source(toy_stack)
-    assert (source.kind, len(source), source.star) == ("stack", 1000, None)
+def test_bare_stack(tiny_stack: Path, tiny_n: int):
+    source = open_source(tiny_stack)
+    assert (source.kind, len(source), source.star) == ("stack", tiny_n, None)
     assert source.pixel_size_from == "header"
-    assert open_source(toy_stack, pixel_size=3.0).pixel_size_from == "user"
-    dataset = ParticleDataset(toy_stack)
-    np.testing.assert_array_equal(dataset.read(np.arange(990, 1000)), mrcfile_images(toy_stack)[990:])
+    assert open_source(tiny_stack, pixel_size=3.0).pixel_size_from == "user"
+    dataset = ParticleDataset(tiny_stack)
+    np.testing.assert_array_equal(dataset.read(np.arange(tiny_n - 2, tiny_n)), mrcfile_images(tiny_stack)[tiny_n - 2:])
 
 
-def test_txt_list_of_two_stacks(tmp_path: Path, toy_stack: Path):
-    reference = mrcfile_images(toy_stack)
+def test_txt_list_of_two_stacks(tmp_path: Path, tiny_stack: Path, tiny_n: int):
+    reference = mrcfile_images(tiny_stack)
+    k = 3  # images in the first stack: the tiny stack's first 3, reversed
     (tmp_path / "stacks").mkdir()
-    write_stack(tmp_path / "stacks" / "first.mrcs", reference[:10][::-1], pixel_size=1.0)
+    write_stack(tmp_path / "stacks" / "first.mrcs", reference[:k][::-1], pixel_size=1.0)
     listing = tmp_path / "stacks.txt"
-    listing.write_text(f"# two stacks\nstacks/first.mrcs\n\n{toy_stack}\n")
+    listing.write_text(f"# two stacks\nstacks/first.mrcs\n\n{tiny_stack}\n")
     source = open_source(listing)
-    assert (source.kind, source.n_stacks, len(source)) == ("list", 2, 1010)
-    assert source.stack_lengths.tolist() == [10, 1000]
+    assert (source.kind, source.n_stacks, len(source)) == ("list", 2, k + tiny_n)
+    assert source.stack_lengths.tolist() == [k, tiny_n]
     dataset = ParticleDataset(source)
-    expected = np.concatenate([reference[:10][::-1], reference])
-    picks = np.array([0, 9, 10, 11, 1009, 5, 500])
+    expected = np.concatenate([reference[:k][::-1], reference])
+    picks = np.array([0, k - 1, k, k + 1, k + tiny_n - 1, 1, k + tiny_n // 2])
     np.testing.assert_array_equal(dataset.read(picks), expected[picks])
-    np.testing.assert_array_equal(dataset.read(np.arange(1010)), expected)
+    np.testing.assert_array_equal(dataset.read(np.arange(k + tiny_n)), expected)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -217,10 +244,10 @@ def test_plain_dataloader_per_item_and_batched(toy_stack: Path):
     np.testing.assert_array_equal(images[:, 0], reference[[10, 20, 30]])
 
 
-def test_transform_runs_on_batches(toy_stack: Path):
-    dataset = ParticleDataset(toy_stack, transform=lambda x: x[..., 5:25, 5:25] * 2)
+def test_transform_runs_on_batches(tiny_stack: Path):
+    dataset = ParticleDataset(tiny_stack, transform=lambda x: x[..., 5:25, 5:25] * 2)
     batch = dataset.__getitems__([0, 1])
-    np.testing.assert_allclose(batch["images"][:, 0].numpy(), mrcfile_images(toy_stack)[:2, 5:25, 5:25] * 2)
+    np.testing.assert_allclose(batch["images"][:, 0].numpy(), mrcfile_images(tiny_stack)[:2, 5:25, 5:25] * 2)
 
 
 def test_pickle_and_bounded_open_stacks(tmp_path: Path, toy_stack: Path):
@@ -300,7 +327,7 @@ def test_sequential_sampler():
 # --------------------------------------------------------------------------- errors
 
 
-def test_missing_stack_errors(tmp_path: Path, toy_stack: Path):
+def test_missing_stack_errors(tmp_path: Path, tiny_stack: Path):
     missing = tmp_path / "absent.mrcs"
     with pytest.raises(InputFileError) as excinfo:
         open_source(missing)
@@ -310,7 +337,7 @@ def test_missing_stack_errors(tmp_path: Path, toy_stack: Path):
         open_source(star)
     one_line_error(excinfo, str(star), "gone.mrcs", "not found")
     listing = tmp_path / "l.txt"
-    listing.write_text(f"{toy_stack}\nnot_here.mrcs\n")
+    listing.write_text(f"{tiny_stack}\nnot_here.mrcs\n")
     with pytest.raises(InputFileError) as excinfo:
         open_source(listing)
     one_line_error(excinfo, str(listing), "not_here.mrcs", "entry 2")
@@ -334,8 +361,8 @@ def truncated_copy(source: Path, target: Path, keep_images: float) -> Path:
     return target
 
 
-def test_truncated_stack(tmp_path: Path, toy_stack: Path):
-    broken = truncated_copy(toy_stack, tmp_path / "toy_projections.mrcs", 10.5)
+def test_truncated_stack(tmp_path: Path, tiny_stack: Path, tiny_n: int):
+    broken = truncated_copy(tiny_stack, tmp_path / "toy_projections.mrcs", tiny_n - 1.5)
     with pytest.raises(InputFileError) as excinfo:
         open_source(broken)
     one_line_error(excinfo, str(broken), "truncated")
@@ -344,14 +371,14 @@ def test_truncated_stack(tmp_path: Path, toy_stack: Path):
         ParticleDataset(star)
     one_line_error(excinfo, str(broken), "truncated")
     header_only = tmp_path / "short.mrcs"
-    header_only.write_bytes(toy_stack.read_bytes()[:500])
+    header_only.write_bytes(tiny_stack.read_bytes()[:500])
     with pytest.raises(InputFileError) as excinfo:
         open_source(header_only)
     one_line_error(excinfo, str(header_only))
 
 
-def test_star_without_image_name(tmp_path: Path, toy_star: Path):
-    text = toy_star.read_text().replace("_rlnImageName", "_rlnMicrographName")
+def test_star_without_image_name(tmp_path: Path, tiny_star: Path):
+    text = tiny_star.read_text().replace("_rlnImageName", "_rlnMicrographName")
     star = tmp_path / "noimage.star"
     star.write_text(text)
     with pytest.raises(InputFileError) as excinfo:
@@ -380,21 +407,21 @@ def test_mismatched_box_sizes(tmp_path: Path, toy_stack: Path, relion31_star: Pa
     one_line_error(excinfo, str(tmp_path / "big.mrcs"), "256x256", "30x30")
 
 
-def test_star_image_size_disagrees_with_stack(tmp_path: Path, toy_stack: Path):
-    shutil.copy(toy_stack, tmp_path / "toy.mrcs")
+def test_star_image_size_disagrees_with_stack(tmp_path: Path, tiny_stack: Path):
+    shutil.copy(tiny_stack, tmp_path / "toy.mrcs")
     star = make_particle_star([image_name(0, "toy.mrcs")], pixel_size=1.0, box=64).write(tmp_path / "wrongsize.star")
     with pytest.raises(InputFileError) as excinfo:
         open_source(star)
     one_line_error(excinfo, str(star), "rlnImageSize", "64", "30x30")
 
 
-def test_index_beyond_stack(tmp_path: Path, toy_stack: Path):
-    shutil.copy(toy_stack, tmp_path / "toy.mrcs")
-    names = [image_name(i, "toy.mrcs") for i in (0, 999, 1000, 1200)]
+def test_index_beyond_stack(tmp_path: Path, tiny_stack: Path, tiny_n: int):
+    shutil.copy(tiny_stack, tmp_path / "toy.mrcs")
+    names = [image_name(i, "toy.mrcs") for i in (0, tiny_n - 1, tiny_n, tiny_n + 200)]
     star = write_star30(tmp_path / "beyond.star", names)
     with pytest.raises(InputFileError) as excinfo:
         open_source(star)
-    one_line_error(excinfo, str(star), "particle 2", "001001@toy.mrcs", "image 1001", "1000 images", "2 such")
+    one_line_error(excinfo, str(star), "particle 2", f"{tiny_n + 1:06d}@toy.mrcs", f"image {tiny_n + 1}", f"{tiny_n} images", "2 such")
 
 
 @pytest.fixture()

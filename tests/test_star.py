@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -21,6 +22,27 @@ from particle_vae.io.star import (
 
 REAL_STARS = ["relion31/relion31.star", "toy_projections/toy_projections.star", "empiar10025_metadata/particles.star", "empiar10025_metadata/ctf_params.star"]
 
+#: every STAR file of tests/data/fixtures, written by its make_fixtures.py (test_the_list_of_fixture_stars_is_complete)
+FIXTURE_STARS = ["FinalRefinement-OriginalParticles-PfCRT.star", "empiar10025_ctf_params.star", "empiar10025_particles.star",
+                 "relion31.6opticsgroups.star", "relion31.star", "relion5.star", "toy_projections.star"]
+
+
+def in_reference_data_and_fixtures(names: list[str]) -> list:
+    """Parameters ``(folder fixture, name)``: each file of the reference data's cryoem folder (id: its path there,
+    skipped without the data), then each fixture STAR (id: fixtures/name, always run)."""
+    return ([pytest.param("cryoem_dir", name, id=name) for name in names]
+            + [pytest.param("fixtures_dir", name, id=f"fixtures/{name}") for name in FIXTURE_STARS])
+
+
+def kept_rows(fixtures_dir, name: str) -> int:
+    """How many particle rows the fixture ``name`` holds (tests/data/fixtures/manifest.json)."""
+    return json.loads((fixtures_dir / "manifest.json").read_text())[name]["rows"]
+
+
+def made_values(fixtures_dir, name: str) -> dict:
+    """The values make_fixtures.py invented for the fixture ``name`` and wrote into it (manifest.json)."""
+    return json.loads((fixtures_dir / "manifest.json").read_text())[name]["values"]
+
 
 def assert_same_blocks(a, b):
     assert list(a.blocks) == list(b.blocks)
@@ -38,9 +60,9 @@ def assert_same_blocks(a, b):
             assert x == y
 
 
-@pytest.mark.parametrize("name", REAL_STARS)
-def test_round_trip_keeps_every_block_column_and_row(cryoem_dir, tmp_path, name):
-    original = read_star(cryoem_dir / name)
+@pytest.mark.parametrize("folder, name", in_reference_data_and_fixtures(REAL_STARS))
+def test_round_trip_keeps_every_block_column_and_row(request, tmp_path, folder, name):
+    original = read_star(request.getfixturevalue(folder) / name)
     out = write_star(tmp_path / "copy.star", original)
     assert_same_blocks(original, read_star(out))
 
@@ -58,9 +80,9 @@ def test_relion31_particles_join_optics(cryoem_dir):
     assert locations.image_index.tolist() == [0, 1, 2, 3, 4]
 
 
-def test_relion30_file_with_unknown_column(cryoem_dir, tmp_path):
-    star = ParticleStar(cryoem_dir / "toy_projections" / "toy_projections.star")
-    assert not star.is_relion31 and len(star) == 1000
+def test_relion30_file_with_unknown_column(fixtures_dir, tmp_path):
+    star = ParticleStar(fixtures_dir / "toy_projections.star")
+    assert not star.is_relion31 and len(star) == kept_rows(fixtures_dir, "toy_projections.star")
     assert "dummyVariable" in star.particles.columns
     assert star.pixel_size() is None
     upgraded = star.to_relion31(pixel_size=6.0, image_size=30)
@@ -73,28 +95,28 @@ def test_relion30_file_with_unknown_column(cryoem_dir, tmp_path):
     assert again.particles["dummyVariable"].tolist() == star.particles["dummyVariable"].tolist()
 
 
-def test_relion30_pixel_size_from_detector_and_magnification(cryoem_dir):
-    star = ParticleStar(cryoem_dir / "empiar10025_metadata" / "particles.star")
+def test_relion30_pixel_size_from_detector_and_magnification(fixtures_dir):
+    star = ParticleStar(fixtures_dir / "empiar10025_particles.star")
     assert star.pixel_size() == pytest.approx(3.733333 * 1e4 / 38023.0)
 
 
-def test_star_without_image_name_is_a_clear_error(cryoem_dir):
+def test_star_without_image_name_is_a_clear_error(fixtures_dir):
     with pytest.raises(InputFileError) as info:
-        ParticleStar(cryoem_dir / "empiar10025_metadata" / "ctf_params.star")
-    assert "ctf_params.star" in str(info.value) and "rlnImageName" in str(info.value)
+        ParticleStar(fixtures_dir / "empiar10025_ctf_params.star")
+    assert "empiar10025_ctf_params.star" in str(info.value) and "rlnImageName" in str(info.value)
 
 
-def test_missing_stack_names_the_star_and_suggests_stack_dir(cryoem_dir):
-    star = ParticleStar(cryoem_dir / "empiar10025_metadata" / "particles.star")
+def test_missing_stack_names_the_star_and_suggests_stack_dir(fixtures_dir):
+    star = ParticleStar(fixtures_dir / "empiar10025_particles.star")
     with pytest.raises(InputFileError, match="--stack-dir"):
         star.image_locations()
 
 
-def test_image_names_any_padding_and_datadir(tmp_path, cryoem_dir):
+def test_image_names_any_padding_and_datadir(tmp_path, fixtures_dir):
     data = tmp_path / "data"
     data.mkdir()
-    shutil.copy(cryoem_dir / "relion31" / "relion31.mrcs", data / "stack.mrcs")
-    star = make_particle_star(["1@Extract/job1/stack.mrcs", "0002@Extract/job1/stack.mrcs", "000005@Extract/job1/stack.mrcs"], 1.0, 256)
+    shutil.copy(fixtures_dir / "toy_projections.mrcs", data / "stack.mrcs")  # 30 px images, 5 or more of them
+    star = make_particle_star(["1@Extract/job1/stack.mrcs", "0002@Extract/job1/stack.mrcs", "000005@Extract/job1/stack.mrcs"], 1.0, 30)
     path = star.write(tmp_path / "p.star")
     with pytest.raises(InputFileError):
         ParticleStar(path).image_locations()
@@ -121,13 +143,14 @@ def test_multiple_optics_groups_join_per_particle(tmp_path):
     assert ctf["amplitude_contrast"].tolist() == [0.07, 0.1, 0.07, 0.1]
 
 
-def test_with_columns_adds_and_replaces_and_never_overwrites_input(cryoem_dir, tmp_path):
+def test_with_columns_adds_and_replaces_and_never_overwrites_input(fixtures_dir, tmp_path):
     source = tmp_path / "in.star"
-    shutil.copy(cryoem_dir / "relion31" / "relion31.star", source)
+    shutil.copy(fixtures_dir / "relion31.star", source)
     before = source.read_bytes()
     star = ParticleStar(source)
-    psi = np.linspace(-180, 180, 5)
-    edited = star.with_columns({"rlnAnglePsi": psi, "pvaeLatent1": np.arange(5) * 0.5})
+    n = kept_rows(fixtures_dir, "relion31.star")
+    psi = np.linspace(-180, 180, n)
+    edited = star.with_columns({"rlnAnglePsi": psi, "pvaeLatent1": np.arange(n) * 0.5})
     with pytest.raises(OutputFileError):
         edited.write(source, overwrite=True)
     assert source.read_bytes() == before
@@ -139,10 +162,11 @@ def test_with_columns_adds_and_replaces_and_never_overwrites_input(cryoem_dir, t
     assert out.optics.equals(star.optics)
 
 
-def test_subset_keeps_optics_and_columns(cryoem_dir, tmp_path):
-    star = ParticleStar(cryoem_dir / "relion31" / "relion31.star")
+def test_subset_keeps_optics_and_columns(fixtures_dir, tmp_path):
+    star = ParticleStar(fixtures_dir / "relion31.star")
     sub = star.subset([4, 1])
-    assert sub.particles["rlnImageName"].tolist() == ["000005@relion31.mrcs", "000002@relion31.mrcs"]
+    stack = made_values(fixtures_dir, "relion31.star")["stack"]
+    assert sub.particles["rlnImageName"].tolist() == [f"000005@{stack}", f"000002@{stack}"]
     assert sub.optics is star.optics or sub.optics.equals(star.optics)
 
 
@@ -197,11 +221,15 @@ def test_the_list_of_shipped_stars_is_complete(cryoem_dir):
     assert sorted(str(p.relative_to(cryoem_dir)) for p in cryoem_dir.rglob("*.star")) == sorted(SHIPPED_STARS)
 
 
-@pytest.mark.parametrize("name", SHIPPED_STARS)
-def test_every_shipped_star_reads_as_starfile_reads_it(cryoem_dir, name):
+def test_the_list_of_fixture_stars_is_complete(fixtures_dir):
+    assert sorted(str(p.relative_to(fixtures_dir)) for p in fixtures_dir.rglob("*.star")) == sorted(FIXTURE_STARS)
+
+
+@pytest.mark.parametrize("folder, name", in_reference_data_and_fixtures(SHIPPED_STARS))
+def test_every_shipped_star_reads_as_starfile_reads_it(request, folder, name):
     import starfile
 
-    path = cryoem_dir / name
+    path = request.getfixturevalue(folder) / name
     ours = read_star(path)
     assert_same_as_starfile(ours.blocks, starfile.read(path, always_dict=True, parse_as_string=["rlnImageName"]))
     # and every column as the text written in the file (what infer uses to write a refinement's poses back byte for byte)
@@ -218,14 +246,15 @@ def test_every_shipped_star_reads_as_starfile_reads_it(cryoem_dir, name):
         assert header.particles_block is None and header.columns == [] and header.blocks == list(ours.blocks)
 
 
-def test_relion30_and_relion5_files_give_their_versions_tables(cryoem_dir):
-    relion30 = read_star(cryoem_dir / "formats" / "FinalRefinement-OriginalParticles-PfCRT.star")
-    assert list(relion30.blocks) == ["images"] and relion30.blocks["images"].shape == (5, 22)
-    relion5 = read_star(cryoem_dir / "formats" / "relion5.star")
+def test_relion30_and_relion5_files_give_their_versions_tables(fixtures_dir):
+    relion30 = read_star(fixtures_dir / "FinalRefinement-OriginalParticles-PfCRT.star")
+    rows = kept_rows(fixtures_dir, "FinalRefinement-OriginalParticles-PfCRT.star")
+    assert list(relion30.blocks) == ["images"] and relion30.blocks["images"].shape == (rows, 22)
+    relion5 = read_star(fixtures_dir / "relion5.star")
     assert list(relion5.blocks) == ["optics", "particles"]
-    optics = relion5.blocks["optics"]
-    assert optics["rlnImageSize"].tolist() == [448] and optics["rlnCtfDataAreCtfPremultiplied"].dtype.kind == "i"
-    assert optics["rlnOddZernike"].iloc[0].startswith("[0.0680480107376,")  # a bracketed array stays text
+    optics, made = relion5.blocks["optics"], made_values(fixtures_dir, "relion5.star")
+    assert optics["rlnImageSize"].tolist() == [made["image_size"]] and optics["rlnCtfDataAreCtfPremultiplied"].dtype.kind == "i"
+    assert optics["rlnOddZernike"].iloc[0] == made["odd_zernike"] and made["odd_zernike"].startswith("[")  # a bracketed array stays text
     assert relion5.blocks["particles"]["rlnImageName"].iloc[0].endswith("toy_images_a.mrcs")
 
 
