@@ -178,8 +178,8 @@ def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, ar
     argv = list(argv)
     chosen = _command_in(argv)
     parser, commands = _build(chosen if chosen in COMMANDS else None, argv)
-    train = commands["train"]
-    if chosen == "train":
+    train = commands.get("train")  # absent when COMMANDS is narrowed (tests, embedding programs)
+    if chosen == "train" and train is not None:
         from particle_vae.commands.train import refusal_before_parsing
 
         message = refusal_before_parsing(_words_of(argv, "train"))
@@ -187,7 +187,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, ar
             train.exit(EXIT_USER_ERROR, f"{train.prog}: error: {message}\n")
     args, extras = parser.parse_known_args(argv)
     if extras:
-        if getattr(args, "command", None) == "train":
+        if getattr(args, "command", None) == "train" and train is not None:
             from particle_vae.commands.train import refusal_of_unknown
 
             message = refusal_of_unknown(_words_of(argv, "train"), extras, train.prog)

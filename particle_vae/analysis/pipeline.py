@@ -345,7 +345,8 @@ def write_class_images(request, star, project: Path, columns: list[str], cluster
             # shown in the frame of the centred averages: each drawing on its own centre of mass (the origins
             # that infer writes already centre the particles on the generator's drawing, so the averages'
             # remaining shifts are not those of the drawings)
-            centres_decoded = np.stack([avg.centre_on_mass(image)[0].numpy() for image in centres_decoded]).astype(np.float32)
+            centres_decoded = np.stack([avg.centre_on_mass(image, avg.DRAWING_CENTRING_ITERATIONS)[0].numpy()
+                                        for image in centres_decoded]).astype(np.float32)
         write_stack(paths["centres"], centres_decoded, config.get("pixel_size"), overwrite=True, inputs=inputs)
         written["centres"] = paths["centres"]
         log.info("wrote %s (%d generator images at the cluster centres, pose zero)", paths["centres"], k)
