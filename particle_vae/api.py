@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from particle_vae.engine.presets import REFINE_CLASSES, TRAINING_PRESETS
+from particle_vae.engine.presets import TRAINING_PRESETS
 from particle_vae.errors import ParticleVAEError
 
 if TYPE_CHECKING:  # imported where used: importing this module stays cheap
@@ -555,7 +555,7 @@ class InferRequest:
     precision: str = "fp32"
     centre: bool = True
     refine: RefineSettings | None = field(default_factory=_auto_refine)
-    refine_classes: int = REFINE_CLASSES
+    refine_classes: int = 20
     refine_box: int = 128
     poses_to_relion_columns: bool = False
     project_dir: Path | None = None

@@ -55,7 +55,6 @@ from particle_vae.data.sampling import make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext
-from particle_vae.engine.presets import REFINE_CLASSES
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import InputFileError, ParticleVAEError
 from particle_vae.io.atomic import check_output_path
@@ -373,7 +372,7 @@ REFINE_COLUMNS = {"psi_std_deg": "pvaeAnglePsiStd", "probability": "pvaePoseProb
 
 
 def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_apix: float, settings,
-                        classes: int = REFINE_CLASSES, max_box: int = 128, seed: int = 0):
+                        classes: int = 20, max_box: int = 128, seed: int = 0):
     """Likelihood pose refinement (:mod:`particle_vae.engine.refine`) seeded by a readout.
 
     The particles are read again at their own box (Fourier-cropped to at most
@@ -417,7 +416,7 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              centre: bool = True, refine=None, refine_classes: int = REFINE_CLASSES, refine_box: int = 128,
+              centre: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128,
               project_dir: Path | None = None, poses_to_relion_columns: bool = False) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
     (``bf16``: see :func:`run_inference`; ``centre``: centred origins, see the module docstring).

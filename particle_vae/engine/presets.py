@@ -47,10 +47,6 @@ TRAINING_PRESETS: dict[str, dict] = {
 }
 
 #: which preset a benchmark uses by default, and its theta prior
-#: class references of infer's pose refinement (at most one per 20 particles): more references hold
-#: fewer views each; 40 against 20 took the low-SNR benchmark's origins from 1.66 to 1.37 px (docs/training.md)
-REFINE_CLASSES = 40
-
 BENCHMARK_THETA_PRIOR = {"mnist-n": ("normal", math.pi / 4), "mnist-u": ("uniform", None),
                          "so2": ("uniform", None), "se2": ("uniform", None)}
 
