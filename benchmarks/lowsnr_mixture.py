@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--relion-classes", type=int, nargs="+", default=[3, 10], choices=[3, 10],
                         help="RELION runs: K = 3 and/or K = 10 (default both; K = 10 takes about 3 times as long)")
     parser.add_argument("--threads", type=int, default=2, help="RELION threads (--j), default 2")
+    parser.add_argument("--train-options", default="", metavar="'OPTIONS'",
+                        help="more options for particle-vae train, one string (e.g. --train-options=--subpixel)")
     parser.add_argument("--extra-infer", nargs=argparse.REMAINDER, default=[], help="more options for particle-vae infer (last)")
     args = parser.parse_args(argv)
     from particle_vae.io.paths import data_root
@@ -249,6 +252,7 @@ def main(argv=None) -> dict:
                                            "--out", sim, "--project-dir", sim, "--overwrite", "--no-progress"), work / "simulate.log")
     ours = {}
     ours["train"] = timed(particle_vae("train", sim / "particles.star", "--preset", "tiny", "--ctf", "--zdim", "8", "--epochs", args.epochs,
+                                       *shlex.split(args.train_options),
                                        "--seed", "0", "--out", run, "--overwrite"), work / "train.log")
     inferred = work / "particles_vae.star"
     ours["infer"] = timed(particle_vae("infer", run, "--out", inferred, "--overwrite", *args.extra_infer), work / "infer.log")
@@ -256,7 +260,7 @@ def main(argv=None) -> dict:
         ours[f"analyze_k{k}"] = timed(particle_vae("-q", "analyze", inferred, "--run", run, "--k", k, "--gallery", "0", "--out",
                                                    work / f"analysis_k{k}", "--overwrite"), work / f"analyze_k{k}.log")
     truth_ = truth(sim / "particles.star", structures)
-    results = {"date": time.strftime("%Y-%m-%d"), "snr": args.snr, "n": args.n, "epochs": args.epochs, "box": BOX, "pixel_size": APIX,
+    results = {"date": time.strftime("%Y-%m-%d"), "snr": args.snr, "n": args.n, "epochs": args.epochs, "train_options": args.train_options, "box": BOX, "pixel_size": APIX,
                "structures": [s for s, _ in STRUCTURES], "symmetry_axis_correlation": truth_["symmetry_corr"],
                "machine": f"{os.cpu_count()} CPU cores, {platform_name()}", "simulate": steps["simulate"]}
     ours_scores = score(inferred, truth_, APIX, work / "analysis_k3" / "clustered_particles.star",

@@ -77,7 +77,7 @@ QUICK_PER_TABLE: dict[int, dict] = {1: {"n_train": 1500, "epochs": 2}, 2: {"n_tr
 
 #: TARGET-VAE ablations of Table 4: name -> changes to the full model's config.
 ABLATIONS: dict[str, dict] = {
-    "full": {},
+    "full": {"subpixel": True},  # every part, the sub-pixel offset (off by default since 2026-12-06) included
     "no-subpixel": {"subpixel": False},
     "discrete-rotation": {"rotation": "discrete"},
     "no-rotation-inference": {"rotation": "none"},

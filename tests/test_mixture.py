@@ -21,7 +21,7 @@ What is checked, against the simulator's ground truth:
   step ran, and the correlation below, taken without any shift search, checks
   that the centre agrees with the truth's) and sharp: at the best single rotation it correlates with the true centred
   projection of its protein (``centred.mrcs``) above 0.85;
-* the T20S average (the asymmetric shape) is upright: it keeps more than half
+* the T20S average (the asymmetric shape) is upright: it keeps more than 80%
   of the truth's anisotropy (``metrics.anisotropy``: the share of contrast that
   changes with rotation), and it lies in the generator's frame: its best
   rotation onto the decoded cluster centre (pose zero) is within 15 degrees of
@@ -35,20 +35,21 @@ What is checked, against the simulator's ground truth:
 The CTF is left out (``--no-ctf``): with it (defocus 1.4-2.0 um) similar
 training reached 91-94% and blurred T20S averages, see docs/benchmarks.md.
 
-Known fragility (docs/benchmarks.md, "The result depends on the training
-trajectory"): the outcome depends on the training seed. With the tiny preset
-(learning rate 1e-3, one thread) seeds 0-4 give 97-98%, 100%, 61%, 100% and
-99.9%: seed 2 fails (its rotation and sub-pixel offset KL terms jump in the
-third epoch and the latent stops carrying the protein). Halving the learning
-rate rescues seed 2 (98.1%) but breaks seed 4 (77.6%: it keeps about 26 nats
-in the rotation offset instead), so no learning rate makes every seed pass yet.
-Clipping gradient spikes at 20 times the running median (``--grad-clip-factor
-20``) rescues seed 2 (95.0%, on the limit) but drops seed 0 to 92.1%; a
-4-dimensional latent gives seed 2 100% and seed 0 93.8% (docs/training.md). In
-every failed run a linear classifier on the latents does no better than the
-clustering: the latents themselves mix the proteins. The suite
-trains seed 0; ``PARTICLE_VAE_MIXTURE_SEEDS=0,1,2,3,4 python -m pytest
-tests/test_mixture.py`` runs every check for each of the five seeds.
+Seeds (docs/benchmarks.md, "The result depends on the training trajectory"):
+with TARGET-VAE's sub-pixel offset, which new runs leave out since 2026-12-06
+(``--subpixel``, docs/models.md), seeds 0-4 gave 97-98%, 100%, 61%, 100% and
+99.9%: seed 2's latent stopped carrying the protein, and no learning rate,
+gradient clipping or latent size made every seed pass. Without it all five
+give 100%. The poses checked are the ones ``infer`` writes by default, refined
+against class references seeded by the model's readout, every class then
+turned into the generator's frame (docs/training.md). That last step is what
+the 80% tests: without it the T20S classes of one run sat in two frames about
+120 degrees apart and their average kept 0.62 of the anisotropy (seed 0; in a
+CI pass with AVX2 kernels 0.44-0.47), with it 0.96, as much as the particles
+averaged with their true angles (0.93). The model's own poses (``--no-refine``)
+of seed 0 keep 0.43-0.45. The suite trains seed 0;
+``PARTICLE_VAE_MIXTURE_SEEDS=0,1,2,3,4 python -m pytest tests/test_mixture.py``
+runs every check for each of the five seeds.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ TRAIN = ["--preset", "tiny", "--batch-size", "16", "--epochs", "6"]
 #: training seeds to run (module docstring): the suite's is 0; PARTICLE_VAE_MIXTURE_SEEDS=0,1,2,3,4 runs five
 TRAINING_SEEDS = [int(seed) for seed in os.environ.get("PARTICLE_VAE_MIXTURE_SEEDS", "0").split(",")]
 SHARPNESS = 0.85
-UPRIGHT = 0.5  # share of the truth's anisotropy kept by the T20S average
+UPRIGHT = 0.8  # share of the truth's anisotropy kept by the T20S average
 
 
 @pytest.fixture(scope="module", params=TRAINING_SEEDS, ids=lambda seed: f"seed{seed}")
@@ -99,8 +100,8 @@ def _make_mixture(tmp_path_factory, data_root, seed: int):
     run = root / "run"
     assert cli.main(["-q", "train", str(sim / "particles.star"), *TRAIN, "--seed", str(seed), "--out", str(run)]) == 0
     star = root / "particles_vae.star"
-    # --no-refine: the checks below are about the model's own frame (its generator's drawing at pose zero)
-    assert cli.main(["-q", "infer", str(run), "--out", str(star), "--no-refine"]) == 0
+    # the poses users get: refined against class references seeded by the model's readout, in the model's frame
+    assert cli.main(["-q", "infer", str(run), "--out", str(star)]) == 0
     out = root / "analysis"
     assert cli.main(["-q", "analyze", str(star), "--run", str(run), "--k", "2", "--method", "gmm", "--gallery", "0",
                      "--out", str(out)]) == 0
@@ -175,10 +176,9 @@ def test_shuffled_angles_fail_the_upright_check(mixture):
 
 
 def test_inferred_origins_follow_the_true_particle_centres(mixture):
-    """``infer`` centres its origins on the aligned particles of each latent group (the centre of
-    mass of the group's average on the box centre): they follow the true shifts (measured: Pearson
-    0.85 per axis), where the model's own origins, relative to a generator that draws its object
-    5 px off-centre, did not (-0.11 and -0.13)."""
+    """``infer``'s origins, found against class references centred on their centre of mass,
+    follow the true shifts, where the model's own origins, relative to a generator that draws its
+    object off-centre, did not (Pearson -0.11 and -0.13 in an early version)."""
     inferred = mixture["inferred"]
     for axis in ("X", "Y"):
         r = np.corrcoef(inferred[f"rlnOrigin{axis}Angst"], inferred[f"pvaeTrueOrigin{axis}Angst"])[0, 1]

@@ -247,6 +247,18 @@ def test_parsing_a_train_command_line_parses_it_with_its_models_options(stack):
         assert vars(again) == {key: kept for key, kept in vars(args).items() if key not in ("command", "verbose", "quiet")}
 
 
+def test_the_subpixel_offset_is_off_unless_asked_for(stack):
+    """TARGET-VAE's sub-pixel offset (beyond the paper) made training depend on the seed (docs/models.md):
+    new runs leave it out; ``--subpixel`` puts it back and ``--no-subpixel`` stays accepted."""
+    from particle_vae.commands.train import request_from_words
+    from particle_vae.models.target_vae import TargetVAEConfig
+
+    assert TargetVAEConfig(box=32).subpixel is False
+    for extra, expected in [([], None), (["--subpixel"], True), (["--no-subpixel"], False)]:
+        settings = request_from_words([str(stack), "--preset", "tiny", *extra, "--out", "r"]).model_settings
+        assert settings.get("subpixel") is expected, extra
+
+
 @pytest.fixture()
 def unwarned(monkeypatch):
     """No old option spelling warned about yet in this process (the warning comes once per process)."""

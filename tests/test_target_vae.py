@@ -20,7 +20,8 @@ from particle_vae.models.base import learnable_state, load_learnable_state
 from particle_vae.models.target_vae import SUBPIXEL_PRIOR_STD, _kl_normal
 
 BOX = 33
-SMALL = {"box": BOX, "zdim": 2, "group_order": 8, "n_fields": 4, "kernel": 21, "padding": 4, "gen_hidden": 32, "n_fourier": 16}
+SMALL = {"box": BOX, "zdim": 2, "group_order": 8, "n_fields": 4, "kernel": 21, "padding": 4, "gen_hidden": 32, "n_fourier": 16,
+         "subpixel": True}  # every part of the model, the sub-pixel offset (off by default) included
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -413,6 +413,41 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
     return refined, apix
 
 
+def frames_of_the_model(refined, refined_apix: float, model: PoseVAE, z_mean: np.ndarray, model_apix: float):
+    """The refined classes turned into one frame, the generator's (:func:`~particle_vae.engine.refine.register_frames`).
+
+    Class references that match each other after a turn are turned onto each
+    other; each such group is then turned onto the generator's drawings at pose
+    zero of its classes' mean latents (centred on their centre of mass,
+    resampled to the refinement's pixel grid), weighted by the classes' sizes.
+
+    Args:
+        refined: :class:`~particle_vae.engine.refine.RefineResult`; refined_apix: its pixel size, Angstrom.
+        z_mean: ``(M, k)`` latent means of the particles; model_apix: the model's pixel size, Angstrom.
+    Returns:
+        the :class:`~particle_vae.engine.refine.RefineResult` with turned angles and references.
+    """
+    from particle_vae.analysis.averages import DRAWING_CENTRING_ITERATIONS, centre_on_mass, decode_at_pose_zero
+    from particle_vae.engine.refine import apply_registration, register_frames, resample_image
+
+    k, box = refined.references.shape[0], refined.references.shape[-1]
+    z = np.asarray(z_mean, dtype=np.float64).reshape(len(refined.classes), -1)
+    counts = np.bincount(refined.classes, minlength=k)
+    if z.shape[1] == 0 or k < 1:
+        return refined
+    means = np.stack([np.bincount(refined.classes, weights=z[:, d], minlength=k) for d in range(z.shape[1])], 1)
+    means /= np.maximum(counts, 1)[:, None]
+    drawings = decode_at_pose_zero(model, means)
+    drawings = np.stack([resample_image(centre_on_mass(torch.as_tensor(d), DRAWING_CENTRING_ITERATIONS)[0].numpy(), model_apix,
+                                        box, refined_apix) for d in drawings])
+    registration = register_frames(refined.references, drawings, weights=counts)
+    groups = int(registration.group.max()) + 1
+    log.info("pose refinement: the %d classes in %d group(s) of matching references, each group turned onto the generator's "
+             "drawings (mean correlation of the anisotropic parts per class: %s)", k, groups,
+             " ".join(f"{c:.2f}" for c in registration.drawing_correlation))
+    return apply_registration(refined, registration)
+
+
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
@@ -480,6 +515,7 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             refine = dataclasses.replace(refine, device=str(torch_device))
         refined, refined_apix = refine_from_readout(prepared, result, model_apix, refine, classes=refine_classes,
                                                     max_box=refine_box)
+        refined = frames_of_the_model(refined, refined_apix, model, result.z_mean, model_apix)
     centres = None
     if centre and model.has_pose and refine is None:
         # every rank averages a share of the particles; rank 0 (which holds the result) plans the groups

@@ -27,6 +27,7 @@ iteration (read through the same loader as inference).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ from particle_vae.fourier import shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefineSettings", "RefineResult", "refine_poses", "aligned_ctf_table"]
+__all__ = ["RefineSettings", "RefineResult", "refine_poses", "aligned_ctf_table", "FrameRegistration", "register_frames",
+           "apply_registration", "resample_image"]
 
 
 @dataclass
@@ -321,3 +323,168 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
                         probability=out["probability"], class_probability=out["class_probability"],
                         references=refs.cpu().numpy().astype(np.float32), counts=np.bincount(out["classes"], minlength=k),
                         resolution_shells=cutoffs)
+
+
+@dataclass
+class FrameRegistration:
+    """In-plane turn of each refinement class onto a shared frame (:func:`register_frames`).
+
+    Attributes:
+        angle_deg: ``(K,)`` counter-clockwise turn of each class reference, degrees, ``[-180, 180)``.
+        group: ``(K,)`` int64 group of classes whose references match each other after a turn.
+        link_correlation: ``(K,)`` correlation with the class it was linked to in its group (1 for the first).
+        drawing_correlation: ``(K,)`` mean correlation of the group's turned references with their drawings.
+    """
+
+    angle_deg: np.ndarray
+    group: np.ndarray
+    link_correlation: np.ndarray
+    drawing_correlation: np.ndarray
+
+
+def _turn_curves(moving: np.ndarray, fixed: np.ndarray, step_deg: float = 1.0) -> np.ndarray:
+    """Pearson correlation of each moving image turned by each angle with each fixed image: ``(K, A, L)``.
+
+    Images ``(K, N, N)`` and ``(L, N, N)``, compared inside the inscribed circle; angles ``0, step, ...``
+    counter-clockwise.
+    """
+    from particle_vae.conventions import move_objects
+
+    n = moving.shape[-1]
+    angles = np.arange(0.0, 360.0, step_deg)
+    coords = np.arange(n) - n // 2
+    inside = torch.as_tensor(np.hypot(*np.meshgrid(coords, coords, indexing="ij")) <= n // 2 - 1)
+
+    def normalised(images: torch.Tensor) -> torch.Tensor:
+        values = images[..., inside]
+        values = values - values.mean(-1, keepdim=True)
+        return values / values.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    fixed_vectors = normalised(torch.as_tensor(np.asarray(fixed, dtype=np.float64)))
+    curves = []
+    for image in np.asarray(moving, dtype=np.float64):
+        stack = torch.as_tensor(image)[None].expand(len(angles), n, n).contiguous()
+        turned = move_objects(stack, np.radians(angles), np.zeros((len(angles), 2)), mode="bilinear")
+        curves.append(normalised(turned) @ fixed_vectors.T)
+    return torch.stack(curves).numpy()
+
+
+def _peak(curve: np.ndarray, step_deg: float = 1.0) -> tuple[float, float]:
+    """``(angle in degrees [-180, 180), value)`` of a periodic curve's maximum, refined by a parabola."""
+    best = int(np.argmax(curve))
+    before, at, after = curve[best - 1], curve[best], curve[(best + 1) % len(curve)]
+    curvature = before - 2.0 * at + after
+    offset = float(np.clip(0.5 * (before - after) / curvature, -0.5, 0.5)) if curvature < 0 else 0.0
+    return (best + offset) * step_deg % 360.0, float(at)
+
+
+def _wrap(angle_deg):
+    return (np.asarray(angle_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
+def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.ndarray | None = None,
+                    link_correlation: float = 0.8) -> FrameRegistration:
+    """Turns that bring the class references into one frame: each other's, then the drawings'.
+
+    Every refinement class aligns its particles to its own reference, and nothing
+    in the likelihood fixes one reference's in-plane frame against another's: two
+    classes of the same view end up turned against each other (measured: two
+    families about 120 degrees apart on a simulated top-view mixture), so their
+    particles' angles are not comparable. Two steps, on the part of each image that
+    changes with rotation (:func:`~particle_vae.analysis.metrics.anisotropic_part`):
+
+    1. references that match each other after a turn (correlation at least
+       ``link_correlation``; the same view of the same object) are joined into
+       groups, strongest matches first, and turned onto each other;
+    2. each group as a whole is turned onto the drawings (a generator's images
+       at pose zero, all in the model's one frame): the turn that maximises the
+       ``weights``-weighted sum of its references' correlations with their own
+       drawings. One blurred drawing cannot move a group on its own.
+
+    Args:
+        references: ``(K, N, N)`` class references, centred on their centre of mass.
+        drawings: ``(K, N, N)`` drawings on the same pixel grid, centred.
+        weights: ``(K,)`` weight of each class in its group's turn (e.g. its number of particles).
+    Returns:
+        :class:`FrameRegistration`.
+    """
+    from particle_vae.analysis.metrics import anisotropic_part
+
+    k = len(references)
+    weights = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+    moving = np.stack([anisotropic_part(r) for r in references])
+    between = _turn_curves(moving, moving)  # (K, A, K): reference i turned onto reference j
+    group, parent_turn = np.arange(k), np.zeros(k)  # turn of each class into its group's first class's frame
+    link = np.ones(k)
+    pairs = sorted(((between[i, :, j].max(), i, j) for i in range(k) for j in range(i + 1, k)), reverse=True)
+    for value, i, j in pairs:
+        if value < link_correlation:
+            break
+        if group[i] == group[j]:
+            continue
+        turn_ij, _ = _peak(between[i, :, j])  # turn of i onto j
+        # move i's whole group onto j's: a class c of i's group is turned by (turn of c into i's frame) ... then onto j
+        members = group == group[i]
+        relative = parent_turn[j] + turn_ij - parent_turn[i]
+        link[members & (np.arange(k) == i)] = value
+        parent_turn[members] = _wrap(parent_turn[members] + relative)
+        group[members] = group[j]
+    onto_drawings = _turn_curves(moving, np.stack([anisotropic_part(d) for d in drawings]))  # (K, A, K)
+    angles = len(onto_drawings[0])
+    turn, drawing_value = np.zeros(k), np.zeros(k)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        combined = np.zeros(angles)
+        for m in members:
+            own = onto_drawings[m, :, m]
+            # own[a] is m turned by a; the group turn b turns m by parent_turn[m] + b in total
+            combined += weights[m] * np.roll(own, -int(round(parent_turn[m])) % angles)
+        total = max(weights[members].sum(), 1e-30)
+        group_turn, value = _peak(combined)
+        turn[members] = _wrap(parent_turn[members] + group_turn)
+        drawing_value[members] = value / total
+    return FrameRegistration(angle_deg=turn, group=np.unique(group, return_inverse=True)[1].astype(np.int64),
+                             link_correlation=link, drawing_correlation=drawing_value)
+
+
+def apply_registration(result: RefineResult, registration: FrameRegistration) -> RefineResult:
+    """``result`` with each class turned by its registration angle: the particles' ``psi`` and the reference.
+
+    A particle aligned with ``psi`` matches its reference; turning the reference by ``alpha``
+    counter-clockwise is matched by ``psi + alpha`` (:func:`~particle_vae.conventions.undo_relion_pose`
+    turns by ``psi`` after the shift, so the origin stays).
+    """
+    from particle_vae.conventions import move_objects
+
+    turn = registration.angle_deg[result.classes]
+    psi = (result.psi_deg + turn + 180.0) % 360.0 - 180.0
+    psi = np.where(psi <= -180.0, psi + 360.0, psi)
+    references = move_objects(torch.as_tensor(result.references, dtype=torch.float64), np.radians(registration.angle_deg),
+                              np.zeros((len(registration.angle_deg), 2)), mode="bicubic").numpy().astype(np.float32)
+    return dataclasses.replace(result, psi_deg=psi, references=references)
+
+
+def resample_image(image: np.ndarray, pixel_size: float, box: int, new_pixel_size: float) -> np.ndarray:
+    """An image on another pixel grid with the same centre (pixel ``N // 2``), band-limited to the new grid.
+
+    Args:
+        image: ``(N, N)`` at ``pixel_size`` Angstrom per pixel.
+        box: edge of the new grid, pixels; new_pixel_size: its Angstrom per pixel.
+    Returns:
+        ``(box, box)`` float64; zero outside the input's extent.
+    """
+    image = torch.as_tensor(np.asarray(image, dtype=np.float64))
+    n = image.shape[-1]
+    if n == box and abs(pixel_size - new_pixel_size) < 1e-9 * pixel_size:
+        return image.numpy()
+    if new_pixel_size > pixel_size:  # coarser: drop what the new grid cannot hold
+        fy = torch.fft.fftfreq(n, d=pixel_size, dtype=torch.float64)
+        fx = torch.fft.rfftfreq(n, d=pixel_size, dtype=torch.float64)
+        keep = torch.hypot(fy[:, None], fx[None, :]) <= 0.5 / new_pixel_size
+        image = torch.fft.irfft2(torch.fft.rfft2(image) * keep, s=(n, n))
+    positions = (torch.arange(box, dtype=torch.float64) - box // 2) * (new_pixel_size / pixel_size) + n // 2
+    normalised = positions / (n - 1) * 2.0 - 1.0
+    grid_y, grid_x = torch.meshgrid(normalised, normalised, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], -1)[None]
+    sampled = torch.nn.functional.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return sampled[0, 0].numpy()

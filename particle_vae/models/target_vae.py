@@ -17,7 +17,8 @@ with p(t) a Gaussian around the box centre, p(r') uniform (or induced by a
 normal prior on theta), p(theta | r') = N(2 pi r'/r, (pi/r)^2) and p(z) = N(0, I).
 
 Beyond the paper: an optional sub-pixel translation offset per cell (a Gaussian
-like theta, expressed in the cell's rotated frame so that equivariance holds),
+like theta, expressed in the cell's rotated frame so that equivariance holds;
+off by default since it made training depend on the seed, docs/models.md),
 an optional CTF-aware Gaussian likelihood, and a circular likelihood mask.
 
 Poses follow :mod:`particle_vae.conventions`: channel ``j`` stands for generator
@@ -77,7 +78,7 @@ class TargetVAEConfig(ModelConfig):
         rotation: ``"full"`` (rotation channel + continuous offset),
             ``"discrete"`` (channel only, no theta offsets; ablation) or
             ``"none"`` (group convolutions pooled over rotations; ablation).
-        subpixel: infer a continuous translation offset inside each cell.
+        subpixel: infer a continuous translation offset inside each cell (default off).
         translation_prior_std: std of p(t) around the centre, pixels.
         theta_prior: ``"uniform"`` or ``"normal"`` (N(0, theta_prior_std^2)).
         gen_hidden, gen_layers, n_fourier, fourier_bandwidth: generator
@@ -98,7 +99,7 @@ class TargetVAEConfig(ModelConfig):
     mixing: str = "full"
     encoder: str = "group"
     rotation: str = "full"
-    subpixel: bool = True
+    subpixel: bool = False
     translation_prior_std: float = 5.0
     theta_prior: str = "uniform"
     theta_prior_std: float = math.pi / 4
@@ -155,7 +156,11 @@ class TargetVAE(PoseVAE):
                     "ordinary convolutions; implies --rotation none)", choices=("group", "plain")),
         ModelOption("--rotation", "rotation", "ablations: discrete = no theta offsets; none = no rotation inference",
                     choices=("full", "discrete", "none")),
-        ModelOption("--no-subpixel", "subpixel", "no continuous translation offset inside a cell", flag_value=False),
+        ModelOption("--subpixel", "subpixel", "also infer a continuous translation offset inside each cell (beyond the "
+                    "paper; off by default: with it, which seed trains well became a matter of luck, docs/models.md)",
+                    flag_value=True),
+        ModelOption("--no-subpixel", "subpixel", "no continuous translation offset inside a cell (the default)",
+                    flag_value=False),
         *POSE_PRIOR_OPTIONS,
         *GENERATOR_OPTIONS,
         ModelOption("--leaky-relu-slope", "leaky_relu_slope", "negative slope of the LeakyReLUs of encoder and generator; "
