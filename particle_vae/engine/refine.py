@@ -21,6 +21,11 @@ classification uses):
 * resolution: each iteration searches up to the shell where the references'
   signal-to-noise ratio falls below one, plus a margin (coarse to fine).
 
+Each class's angles are relative to its own reference; :func:`register_frames`
+turns the classes into one frame afterwards (references onto each other, then
+onto drawings in a model's frame) and :func:`apply_registration` turns the
+particles' angles with them.
+
 Everything runs in batches on any torch device; one pass over the particles per
 iteration (read through the same loader as inference).
 """
@@ -423,11 +428,10 @@ def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.nd
         if group[i] == group[j]:
             continue
         turn_ij, _ = _peak(between[i, :, j])  # turn of i onto j
-        # move i's whole group onto j's: a class c of i's group is turned by (turn of c into i's frame) ... then onto j
+        # i's whole group joins j's: a member goes into i's frame (its turn minus i's), onto j, then into j's group frame
         members = group == group[i]
-        relative = parent_turn[j] + turn_ij - parent_turn[i]
-        link[members & (np.arange(k) == i)] = value
-        parent_turn[members] = _wrap(parent_turn[members] + relative)
+        parent_turn[members] = _wrap(parent_turn[members] - parent_turn[i] + turn_ij + parent_turn[j])
+        link[i] = value
         group[members] = group[j]
     onto_drawings = _turn_curves(moving, np.stack([anisotropic_part(d) for d in drawings]))  # (K, A, K)
     angles = len(onto_drawings[0])
@@ -437,7 +441,7 @@ def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.nd
         combined = np.zeros(angles)
         for m in members:
             own = onto_drawings[m, :, m]
-            # own[a] is m turned by a; the group turn b turns m by parent_turn[m] + b in total
+            # own[a] is m turned by a degrees; the group turn b turns m by parent_turn[m] + b in total
             combined += weights[m] * np.roll(own, -int(round(parent_turn[m])) % angles)
         total = max(weights[members].sum(), 1e-30)
         group_turn, value = _peak(combined)
