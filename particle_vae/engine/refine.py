@@ -114,6 +114,17 @@ class RefineResult:
     resolution_shells: list
 
 
+def _wrap(angle_deg):
+    """Degrees to ``[-180, 180)``."""
+    return (np.asarray(angle_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
+def _psi_range(psi_deg):
+    """Degrees to RELION's ``(-180, 180]``."""
+    psi = _wrap(psi_deg)
+    return np.where(psi <= -180.0, psi + 360.0, psi)
+
+
 def aligned_ctf_table(table: pd.DataFrame, psi_deg: np.ndarray) -> pd.DataFrame:
     """CTF parameters of particles turned back by ``psi`` (the aligned frame).
 
@@ -322,9 +333,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
         log.info("pose search iteration %d/%d: search to %.1f A, classes %s, median angle uncertainty %.1f deg",
                  iteration + 1, settings.iterations, box * pixel_size / cutoff,
                  np.bincount(out["classes"], minlength=k).tolist(), float(np.median(out["psi_std"])))
-    psi = (out["psi"] + 180.0) % 360.0 - 180.0
-    psi = np.where(psi <= -180.0, psi + 360.0, psi)
-    return RefineResult(classes=out["classes"], psi_deg=psi, origin_px=-out["shift"], psi_std_deg=out["psi_std"],
+    return RefineResult(classes=out["classes"], psi_deg=_psi_range(out["psi"]), origin_px=-out["shift"], psi_std_deg=out["psi_std"],
                         probability=out["probability"], class_probability=out["class_probability"],
                         references=refs.cpu().numpy().astype(np.float32), counts=np.bincount(out["classes"], minlength=k),
                         resolution_shells=cutoffs)
@@ -337,13 +346,11 @@ class FrameRegistration:
     Attributes:
         angle_deg: ``(K,)`` counter-clockwise turn of each class reference, degrees, ``[-180, 180)``.
         group: ``(K,)`` int64 group of classes whose references match each other after a turn.
-        link_correlation: ``(K,)`` correlation with the class it was linked to in its group (1 for the first).
         drawing_correlation: ``(K,)`` mean correlation of the group's turned references with their drawings.
     """
 
     angle_deg: np.ndarray
     group: np.ndarray
-    link_correlation: np.ndarray
     drawing_correlation: np.ndarray
 
 
@@ -383,8 +390,6 @@ def _peak(curve: np.ndarray, step_deg: float = 1.0) -> tuple[float, float]:
     return (best + offset) * step_deg % 360.0, float(at)
 
 
-def _wrap(angle_deg):
-    return (np.asarray(angle_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
 
 
 def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.ndarray | None = None,
@@ -420,7 +425,6 @@ def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.nd
     moving = np.stack([anisotropic_part(r) for r in references])
     between = _turn_curves(moving, moving)  # (K, A, K): reference i turned onto reference j
     group, parent_turn = np.arange(k), np.zeros(k)  # turn of each class into its group's first class's frame
-    link = np.ones(k)
     pairs = sorted(((between[i, :, j].max(), i, j) for i in range(k) for j in range(i + 1, k)), reverse=True)
     for value, i, j in pairs:
         if value < link_correlation:
@@ -431,16 +435,16 @@ def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.nd
         # i's whole group joins j's: a member goes into i's frame (its turn minus i's), onto j, then into j's group frame
         members = group == group[i]
         parent_turn[members] = _wrap(parent_turn[members] - parent_turn[i] + turn_ij + parent_turn[j])
-        link[i] = value
         group[members] = group[j]
-    onto_drawings = _turn_curves(moving, np.stack([anisotropic_part(d) for d in drawings]))  # (K, A, K)
-    angles = len(onto_drawings[0])
+    # (K, A): each reference turned onto its own drawing only
+    onto_drawings = np.stack([_turn_curves(moving[m:m + 1], anisotropic_part(drawings[m])[None])[0, :, 0] for m in range(k)])
+    angles = onto_drawings.shape[1]
     turn, drawing_value = np.zeros(k), np.zeros(k)
     for g in np.unique(group):
         members = np.flatnonzero(group == g)
         combined = np.zeros(angles)
         for m in members:
-            own = onto_drawings[m, :, m]
+            own = onto_drawings[m]
             # own[a] is m turned by a degrees; the group turn b turns m by parent_turn[m] + b in total
             combined += weights[m] * np.roll(own, -int(round(parent_turn[m])) % angles)
         total = max(weights[members].sum(), 1e-30)
@@ -448,7 +452,7 @@ def register_frames(references: np.ndarray, drawings: np.ndarray, weights: np.nd
         turn[members] = _wrap(parent_turn[members] + group_turn)
         drawing_value[members] = value / total
     return FrameRegistration(angle_deg=turn, group=np.unique(group, return_inverse=True)[1].astype(np.int64),
-                             link_correlation=link, drawing_correlation=drawing_value)
+                             drawing_correlation=drawing_value)
 
 
 def apply_registration(result: RefineResult, registration: FrameRegistration) -> RefineResult:
@@ -460,9 +464,7 @@ def apply_registration(result: RefineResult, registration: FrameRegistration) ->
     """
     from particle_vae.conventions import move_objects
 
-    turn = registration.angle_deg[result.classes]
-    psi = (result.psi_deg + turn + 180.0) % 360.0 - 180.0
-    psi = np.where(psi <= -180.0, psi + 360.0, psi)
+    psi = _psi_range(result.psi_deg + registration.angle_deg[result.classes])
     references = move_objects(torch.as_tensor(result.references, dtype=torch.float64), np.radians(registration.angle_deg),
                               np.zeros((len(registration.angle_deg), 2)), mode="bicubic").numpy().astype(np.float32)
     return dataclasses.replace(result, psi_deg=psi, references=references)
