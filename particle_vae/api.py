@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from particle_vae.engine.presets import TRAINING_PRESETS
+from particle_vae.engine.presets import MASS_TOLERANCE, REFINE_CLASSES, TRAINING_PRESETS
 from particle_vae.errors import ParticleVAEError
 
 if TYPE_CHECKING:  # imported where used: importing this module stays cheap
@@ -555,7 +555,7 @@ class InferRequest:
     precision: str = "fp32"
     centre: bool = True
     refine: RefineSettings | None = field(default_factory=_auto_refine)
-    refine_classes: int = 20
+    refine_classes: int = REFINE_CLASSES
     refine_box: int = 128
     poses_to_relion_columns: bool = False
     project_dir: Path | None = None
@@ -639,6 +639,9 @@ class AnalyzeRequest:
         method: ``kmeans``, ``gmm`` or ``ward`` for the latents (``None``: k-means, and under
             ``classes_from="auto"`` infer's refinement classes may be grouped instead).
         classes_from: ``auto``, ``latents`` or ``refinement`` (group infer's refinement classes).
+        mass_tolerance: when refinement classes are grouped, the relative difference of their
+            masses (infer's ``pvaeRefineClassMass``) worth one prior standard deviation of a latent
+            mean (:func:`~particle_vae.analysis.clustering.merge_groups`); 0: the latents alone.
         k: number of classes, or ``"auto"``.
         k_range: ``(kmin, kmax)`` searched by ``k="auto"`` (default: 1..10, capped by the particles).
         seed: random seed of clustering, the k test and embeddings.
@@ -663,6 +666,7 @@ class AnalyzeRequest:
     checkpoint: str = "best"
     method: str | None = None
     classes_from: str = "auto"
+    mass_tolerance: float = MASS_TOLERANCE
     k: int | str = "auto"
     k_range: tuple[int, int] | None = None
     seed: int = 0

@@ -331,6 +331,61 @@ def test_merge_groups_keeps_groups_whole_and_follows_their_means():
         clustering.merge_groups(z, groups, 5)
 
 
+def test_merge_groups_separates_structures_by_mass_where_the_latents_mix():
+    """Six classes: two structures seen in three views each, where the latent follows the view
+    (means 0, 1, 2 for both); the masses (1000 and 1300, each within 1%) tell the structures apart."""
+    views = np.array([0.0, 1.0, 2.0, 0.05, 1.05, 2.05])
+    structure = np.array([0, 0, 0, 1, 1, 1])
+    class_mass = np.array([1000.0, 1008.0, 995.0, 1300.0, 1290.0, 1311.0])
+    groups = np.repeat(np.arange(6), 10)
+    z = views[groups][:, None]
+    truth = structure[groups]
+    by_mass = clustering.merge_groups(z, groups, 2, mass=class_mass[groups])
+    assert clustering_accuracy(truth, by_mass.labels) == 1.0 and by_mass.info["mass"]
+    by_latent = clustering.merge_groups(z, groups, 2)
+    assert clustering_accuracy(truth, by_latent.labels) <= 4 / 6 + 1e-9 and not by_latent.info["mass"]
+    # one structure in two states the latents separate (masses within 2%): the latents decide, as without masses
+    states = np.array([0.0, 0.1, 0.2, 3.0, 3.1, 3.2])[groups][:, None]
+    same = np.array([1000.0, 1020.0, 985.0, 1010.0, 990.0, 1015.0])
+    np.testing.assert_array_equal(clustering.merge_groups(states, groups, 2, mass=same[groups]).labels,
+                                  clustering.merge_groups(states, groups, 2).labels)
+    # a flat reference (mass <= 0) is a class of its own kind, not an error
+    flat = class_mass.copy()
+    flat[2] = 0.0
+    assert (clustering.merge_groups(z, groups, 3, mass=flat[groups]).labels[groups == 2] == 2).all()
+    with pytest.raises(ValueError, match="mass tolerance"):
+        clustering.merge_groups(z, groups, 2, mass=class_mass[groups], mass_tolerance=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        clustering.merge_groups(z, groups, 2, mass=np.full(len(z), np.nan))
+
+
+def test_analyze_groups_refinement_classes_by_mass(tmp_path, capsys):
+    """Infer's class masses group the classes when the latents cannot; --mass-tolerance 0 turns them off."""
+    path = _refined_pair(tmp_path)
+    star = ParticleStar(path)
+    groups = star.particles["pvaeRefineClass"].to_numpy() - 1
+    # the latents put classes 1+2 against 3+4; the masses put 1+3 against 2+4
+    truth = groups % 2
+    star = star.with_columns({"pvaeRefineClassMass": np.where(truth == 0, 900.0, 1400.0), "pvaeTruth": truth})
+    path = star.write(tmp_path / "with_mass.star")
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--no-images", "--out", str(tmp_path / "mass")]) == 0
+    grouped = ParticleStar(tmp_path / "mass" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    assert clustering_accuracy(truth, grouped) == 1.0
+    assert json.loads((tmp_path / "mass" / "analysis.json").read_text())["mass_tolerance"] == 0.1
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--mass-tolerance", "0", "--no-images", "--out", str(tmp_path / "z")]) == 0
+    latent = ParticleStar(tmp_path / "z" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    assert clustering_accuracy(truth, latent) == 0.5
+    assert json.loads((tmp_path / "z" / "analysis.json").read_text())["mass_tolerance"] is None
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--mass-tolerance", "-1", "--no-images", "--out", str(tmp_path / "bad")]) == 2
+    assert "--mass-tolerance -1.0 must be a number >= 0" in one_line_error(capsys)
+    text = path.read_text().replace("1400.0", "nan", 1)
+    broken = tmp_path / "broken.star"
+    broken.write_text(text)
+    assert cli.main(["-q", "analyze", str(broken), "--k", "2", "--no-images", "--out", str(tmp_path / "broken_out")]) == 2
+    assert "pvaeRefineClassMass column holds values that are not numbers" in one_line_error(capsys)
+
+
 def test_analyze_groups_the_refinement_classes_when_they_are_there(tmp_path, capsys):
     path = _refined_pair(tmp_path)
     truth = ParticleStar(path).particles["pvaeTruth"].to_numpy()

@@ -60,3 +60,39 @@ def test_centred_origins_move_the_particle_centre_to_the_box_centre():
         xy = grid.numpy()
         centre = (weights[..., None] * xy).sum((0, 1)) / weights.sum()
         assert np.abs(centre).max() < 0.1, centre
+
+
+class _OffCentreGenerator(torch.nn.Module):
+    """A generator whose drawing at pose zero is a Gaussian blob at ``(x, y) = (z0, z1)`` pixels from the
+    box centre, on a constant background that fills the box (as a generator's drawings do)."""
+
+    zdim = 2
+
+    def __init__(self, box: int = 32):
+        super().__init__()
+        self.box = box
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def decode(self, z, theta, t):
+        coords = torch.arange(self.box, dtype=torch.float32) - self.box // 2
+        y, x = torch.meshgrid(coords, coords, indexing="ij")
+        blob = torch.exp(-((x - z[:, 0, None, None]) ** 2 + (y - z[:, 1, None, None]) ** 2) / (2 * 3.0 ** 2))
+        return self.scale * blob + 0.3
+
+
+def test_decode_centred_puts_each_drawing_on_the_box_centre():
+    """The drawing at pose zero, moved onto its centre of mass: a blob drawn 2.5 px right and 1.5 px up
+    ends on the box centre within 0.01 px, as the same blob drawn there; one drawn on the centre stays as it is."""
+    from particle_vae.analysis.averages import decode_at_pose_zero, decode_centred
+    from particle_vae.analysis.metrics import image_centre_of_mass
+
+    model = _OffCentreGenerator()
+    z = np.array([[2.5, -1.5], [0.0, 0.0]])
+    drawn = decode_at_pose_zero(model, z)
+    assert np.abs(image_centre_of_mass(drawn[0]) - [2.5, -1.5]).max() < 0.05
+    centred = decode_centred(model, z)
+    assert centred.shape == (2, 32, 32) and centred.dtype == np.float32
+    for image in centred:
+        assert np.abs(image_centre_of_mass(image)).max() < 0.01
+    np.testing.assert_allclose(centred[1], drawn[1], atol=1e-5)
+    np.testing.assert_allclose(centred[0], drawn[1], atol=1e-3)

@@ -309,6 +309,14 @@ def decode_at_pose_zero(model, z) -> np.ndarray:
     return np.concatenate(out)
 
 
+def decode_centred(model, z) -> np.ndarray:
+    """:func:`decode_at_pose_zero`, each drawing then moved onto its centre of mass
+    (:func:`centre_on_mass`, :data:`DRAWING_CENTRING_ITERATIONS`): ``(B, k)`` latents -> ``(B, N, N)``
+    float32, data units. The frame in which drawings are compared with centred averages and references."""
+    return np.stack([centre_on_mass(torch.as_tensor(image), DRAWING_CENTRING_ITERATIONS)[0].numpy()
+                     for image in decode_at_pose_zero(model, z)]).astype(np.float32)
+
+
 def decode_centres(model, centres) -> np.ndarray:
     """``model.decode(centre, 0, 0)`` for each cluster centre ``(k, d)``: ``(k, N, N)`` float32."""
     return decode_at_pose_zero(model, centres)

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from particle_vae.engine.presets import MASS_TOLERANCE
+
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "gmm", "ward")
@@ -295,24 +297,38 @@ def _fit_clusters(z: np.ndarray, k: int, method: str, seed: int) -> ClusterResul
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method=method, info=info)
 
 
-def merge_groups(z, groups, k: int, seed: int = 0) -> ClusterResult:
+def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: float = MASS_TOLERANCE) -> ClusterResult:
     """Cluster whole groups of particles (e.g. the classes of ``infer``'s pose refinement) into ``k`` clusters.
 
-    Each group is represented by the mean latent of its particles; the means are
-    clustered by k-means weighted by the group sizes, and every particle takes
-    its group's cluster. Where the groups are purer than latent clusters (pose
-    refinement compares the images themselves), the clusters inherit that purity.
+    Each group is represented by the mean latent of its particles and, when
+    ``mass`` is given, by the log of its mass divided by ``mass_tolerance``; the
+    points are clustered by k-means weighted by the group sizes, and every
+    particle takes its group's cluster. Where the groups are purer than latent
+    clusters (pose refinement compares the images themselves), the clusters
+    inherit that purity.
+
+    The mass of a class (the integrated density of its reference, which is the
+    same for every view of one structure) separates structures whose views the
+    latents mix: with the default tolerance of 0.1, two classes whose masses
+    differ by 10% are as far apart as two whose latent means differ by one
+    prior standard deviation along one axis.
 
     Args:
         z: ``(N, d)`` latent means (prior units).
         groups: ``(N,)`` int group of each particle (any integers).
         k: number of clusters, ``1 <= k <=`` the number of groups.
         seed: random seed of the k-means initialisations.
+        mass: ``(N,)`` mass of each particle's group (any positive unit; the same value within a
+            group); ``None``: the latents alone. Values at or below zero (an empty or flat
+            reference) count as 1% of the median positive mass.
+        mass_tolerance: relative mass difference worth one latent standard deviation (> 0).
     Returns:
-        A :class:`ClusterResult` (method ``"kmeans"``, clusters numbered by size), its
-        ``info`` holding ``groups`` (the number of groups) and ``inertia``.
+        A :class:`ClusterResult` (method ``"kmeans"``, clusters numbered by size, centres the
+        member means of ``z``), its ``info`` holding ``groups`` (the number of groups),
+        ``inertia`` and ``mass`` (whether the masses were used).
     Raises:
-        ValueError: ``k`` out of range, mismatched lengths, non-finite latents.
+        ValueError: ``k`` out of range, mismatched lengths, non-finite latents or masses,
+            ``mass_tolerance`` not positive.
     """
     from sklearn.cluster import KMeans
 
@@ -324,13 +340,34 @@ def merge_groups(z, groups, k: int, seed: int = 0) -> ClusterResult:
     if not 1 <= int(k) <= len(names):
         raise ValueError(f"k = {k} clusters of {len(names)} groups needs 1 <= k <= {len(names)}")
     sizes = np.bincount(members).astype(np.float64)
-    means = np.stack([z[members == j].mean(0) for j in range(len(names))])
+    points = np.stack([z[members == j].mean(0) for j in range(len(names))])
+    if mass is not None:
+        points = np.hstack([points, _log_mass(mass, members, len(names), len(z))[:, None] / _positive(mass_tolerance)])
     with _thread_limit(len(z)):
-        fitted = KMeans(n_clusters=int(k), n_init=10, random_state=seed).fit(means, sample_weight=sizes)
+        fitted = KMeans(n_clusters=int(k), n_init=10, random_state=seed).fit(points, sample_weight=sizes)
     labels = fitted.labels_.astype(np.int64)[members]
     labels, centres, counts = _relabel_by_size(labels, _member_means(z, labels, int(k)))
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method="kmeans",
-                         info={"groups": int(len(names)), "inertia": float(fitted.inertia_)})
+                         info={"groups": int(len(names)), "inertia": float(fitted.inertia_), "mass": mass is not None})
+
+
+def _positive(value: float) -> float:
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"the mass tolerance must be a positive number, got {value}")
+    return float(value)
+
+
+def _log_mass(mass, members: np.ndarray, n_groups: int, n: int) -> np.ndarray:
+    """``(G,)`` log of each group's mean mass (non-positive masses raised to 1% of the median positive one)."""
+    mass = np.asarray(mass, dtype=np.float64)
+    if mass.shape != (n,):
+        raise ValueError(f"{len(mass)} masses for {n} particles")
+    if not np.isfinite(mass).all():
+        raise ValueError("the class masses contain NaN or Inf values")
+    per_group = np.bincount(members, weights=mass, minlength=n_groups) / np.bincount(members, minlength=n_groups)
+    positive = per_group[per_group > 0]
+    floor = 0.01 * (np.median(positive) if len(positive) else 1.0)
+    return np.log(np.maximum(per_group, floor))
 
 
 def default_k_range(method: str, n: int, k_max: int = DEFAULT_K_MAX) -> tuple[int, int]:

@@ -20,12 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from particle_vae.engine.presets import MASS_TOLERANCE
 from particle_vae.errors import InputFileError, ParticleVAEError
 
 log = logging.getLogger(__name__)
 
-#: the column in which infer writes the class of its pose refinement (1-based)
+#: infer's columns of the pose refinement: each particle's class (1-based) and that class's mass
+#: (:func:`~particle_vae.engine.refine.class_masses`)
 REFINE_CLASS_COLUMN = "pvaeRefineClass"
+REFINE_MASS_COLUMN = "pvaeRefineClassMass"
 
 #: request field -> the values it takes
 CHOICES = {"method": ("kmeans", "gmm", "ward"), "classes_from": ("auto", "latents", "refinement"),
@@ -103,6 +106,8 @@ def run_analysis(request):
                                f"({n}); choose 1 <= k <= {n} or --k auto")
     if request.gallery < 0 or request.traversal_steps < 2 or request.batch_size < 1:
         raise ParticleVAEError("--gallery must be >= 0, --traversal-steps >= 2 and --batch-size >= 1")
+    if not (np.isfinite(request.mass_tolerance) and request.mass_tolerance >= 0):
+        raise ParticleVAEError(f"--mass-tolerance {request.mass_tolerance} must be a number >= 0 (0: group by the latents alone)")
     log.info("%s: %d particles, latent columns %s", star_path, n, ", ".join(columns))
 
     model = config = metrics = None
@@ -231,9 +236,11 @@ def cluster(request, star, star_path: Path, z: np.ndarray) -> Clusters:
     try:
         if by_refinement:
             k = int(request.k)
-            log.info("grouping the %d classes of infer's pose refinement into %d by their mean latent (--classes-from)",
-                     n_refined, k)
-            result = clustering.merge_groups(z, refine_classes, k, seed=request.seed)
+            mass = _refinement_masses(star, star_path) if request.mass_tolerance > 0 else None
+            log.info("grouping the %d classes of infer's pose refinement into %d by their mean latent%s (--classes-from)",
+                     n_refined, k, "" if mass is None else f" and mass (--mass-tolerance {request.mass_tolerance:g})")
+            result = clustering.merge_groups(z, refine_classes, k, seed=request.seed, mass=mass,
+                                             mass_tolerance=request.mass_tolerance or MASS_TOLERANCE)
         elif request.k == "auto":
             k_range = tuple(request.k_range) if request.k_range else clustering.default_k_range(method, n)
             log.info("choosing k for %s over %d..%d", method, *k_range)
@@ -340,13 +347,11 @@ def write_class_images(request, star, project: Path, columns: list[str], cluster
     written = {}
     centres_decoded = None
     if model is not None:
-        centres_decoded = avg.decode_centres(model, result.centres)
-        if images.centre_shifts is not None:
-            # shown in the frame of the centred averages: each drawing on its own centre of mass (the origins
-            # that infer writes already centre the particles on the generator's drawing, so the averages'
-            # remaining shifts are not those of the drawings)
-            centres_decoded = np.stack([avg.centre_on_mass(image, avg.DRAWING_CENTRING_ITERATIONS)[0].numpy()
-                                        for image in centres_decoded]).astype(np.float32)
+        # beside centred averages, each drawing on its own centre of mass (the origins that infer writes
+        # already centre the particles on the generator's drawing, so the averages' remaining shifts are
+        # not those of the drawings)
+        centres_decoded = (avg.decode_centred(model, result.centres) if images.centre_shifts is not None
+                           else avg.decode_centres(model, result.centres))
         write_stack(paths["centres"], centres_decoded, config.get("pixel_size"), overwrite=True, inputs=inputs)
         written["centres"] = paths["centres"]
         log.info("wrote %s (%d generator images at the cluster centres, pose zero)", paths["centres"], k)
@@ -426,6 +431,7 @@ def analysis_record(request, star_path: Path, run_path: Path | None, columns: li
         "latent_columns": columns,
         "method": result.method,
         "classes_from": f"refinement ({clusters.n_refined} classes)" if clusters.by_refinement else "latents",
+        "mass_tolerance": request.mass_tolerance if result.info.get("mass") else None,
         "k": k,
         "k_selection": "auto" if selection is not None else "given",
         "criterion": clusters.criterion,
@@ -460,6 +466,21 @@ def _refinement_classes(star, star_path: Path):
         raise InputFileError(f"its {REFINE_CLASS_COLUMN} column holds values that are not class numbers", star_path,
                              "restore the column written by particle-vae infer, or delete it to cluster the latents")
     return classes
+
+
+def _refinement_masses(star, star_path: Path):
+    """``(N,)`` mass of each particle's refinement class (infer's ``pvaeRefineClassMass``), or ``None`` without the column.
+
+    Raises:
+        InputFileError: the column holds something other than finite numbers.
+    """
+    if REFINE_MASS_COLUMN not in star.particles.columns:
+        return None
+    mass = star.particles[REFINE_MASS_COLUMN].to_numpy()
+    if not (np.issubdtype(mass.dtype, np.number) and np.isfinite(mass).all()):
+        raise InputFileError(f"its {REFINE_MASS_COLUMN} column holds values that are not numbers", star_path,
+                             "restore the column written by particle-vae infer, or give --mass-tolerance 0 to group by the latents alone")
+    return mass
 
 
 def _poses(star, path: Path, pixel_size):

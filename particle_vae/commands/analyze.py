@@ -4,8 +4,8 @@ INPUT is a STAR written by `particle-vae infer` (it has pvaeZ1..k columns), or
 a run directory together with --star. The latent means are clustered (k-means,
 Gaussian mixture or Ward; --k auto scores a range of k); when infer refined the
 poses (pvaeRefineClass) and --k is below the number of its classes, those
-classes are kept whole and grouped by their mean latent instead (--classes-from),
-and OUT receives:
+classes are kept whole and grouped by their mean latent and their mass instead
+(--classes-from, --mass-tolerance), and OUT receives:
 
   clustered_particles.star   the input (all columns, optics) with rlnClassNumber (1-based); rlnImageName
                              resolves from the folder RELION runs in (--project-dir, default the current one)
@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from particle_vae.engine.presets import MASS_TOLERANCE
+
 
 def _k_value(text: str):
     if text.strip().lower() == "auto":
@@ -60,9 +62,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "clustered, not the refinement classes, under --classes-from auto)")
     parser.add_argument("--classes-from", choices=["auto", "latents", "refinement"], default="auto",
                         help="what is clustered: the particles' latents, or the classes of infer's pose refinement (kept whole, "
-                             "grouped by their mean latent with k-means; purer where the refinement separated what the latents "
+                             "grouped by their mean latent and mass with k-means; purer where the refinement separated what the latents "
                              "mix); auto: the refinement classes when the STAR has infer's pvaeRefineClass column, --k is a "
                              "number below their count and --method is kmeans or not given, else the latents (default: auto)")
+    parser.add_argument("--mass-tolerance", type=float, default=MASS_TOLERANCE, metavar="F",
+                        help="when refinement classes are grouped: the relative difference of their masses (infer's "
+                             "pvaeRefineClassMass, the integrated density of each class reference, the same for every view of "
+                             "one structure) that counts as much as one prior standard deviation of the mean latent; 0 groups "
+                             "by the latents alone")
     parser.add_argument("--k", type=_k_value, default="auto",
                         help="number of clusters, or auto: gmm by the lowest BIC (k = 1 included); kmeans/ward test one population "
                              "against several with the gap statistic, then take the highest silhouette (see docs/analysis.md)")
@@ -115,8 +122,8 @@ def request(args: argparse.Namespace):
     star, run = _resolve_inputs(args)
     return AnalyzeRequest(
         star=star, out=args.out, run=run, checkpoint=args.checkpoint, method=args.method, classes_from=args.classes_from,
-        k=args.k, k_range=None if args.k_range is None else tuple(args.k_range), seed=args.seed, tsne=args.tsne,
-        gallery=args.gallery, traverse=args.traverse, traversal_steps=args.traversal_steps, normalize=args.normalize,
+        mass_tolerance=args.mass_tolerance, k=args.k, k_range=None if args.k_range is None else tuple(args.k_range), seed=args.seed,
+        tsne=args.tsne, gallery=args.gallery, traverse=args.traverse, traversal_steps=args.traversal_steps, normalize=args.normalize,
         images=not args.no_images, centre=not args.no_center, stack_dir=args.stack_dir, project_dir=args.project_dir,
         pixel_size=args.pixel_size, batch_size=args.batch_size, overwrite=args.overwrite)
 

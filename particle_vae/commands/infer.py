@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from particle_vae.engine.presets import REFINE_CLASSES
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     from particle_vae.cli import add_project_dir_option, add_stack_dir_option
@@ -59,7 +61,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--no-refine", action="store_true",
                         help="write the model's own poses instead of refining them by likelihood search against class references")
     refine.add_argument("--refine-iterations", type=int, default=12, help="expectation-maximisation iterations")
-    refine.add_argument("--refine-classes", type=int, default=20,
+    refine.add_argument("--refine-classes", type=int, default=REFINE_CLASSES,
                         help="class references, seeded by k-means of the latents (at most one per 20 particles; more for many distinct views)")
     refine.add_argument("--refine-angle-step", type=float, default=5.0,
                         help="degrees between searched angles (each pose is then refined below the step)")

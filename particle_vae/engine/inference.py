@@ -49,12 +49,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from particle_vae.analysis.pipeline import REFINE_CLASS_COLUMN, REFINE_MASS_COLUMN
 from particle_vae.conventions import model_pose_to_relion
 from particle_vae.data.particles import IndexSubset
 from particle_vae.data.sampling import make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext
+from particle_vae.engine.presets import REFINE_CLASSES
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import InputFileError, ParticleVAEError
 from particle_vae.io.atomic import check_output_path
@@ -372,7 +374,7 @@ REFINE_COLUMNS = {"psi_std_deg": "pvaeAnglePsiStd", "probability": "pvaePoseProb
 
 
 def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_apix: float, settings,
-                        classes: int = 20, max_box: int = 128, seed: int = 0):
+                        classes: int = REFINE_CLASSES, max_box: int = 128, seed: int = 0):
     """Likelihood pose refinement (:mod:`particle_vae.engine.refine`) seeded by a readout.
 
     The particles are read again at their own box (Fourier-cropped to at most
@@ -427,7 +429,7 @@ def frames_of_the_model(refined, refined_apix: float, model: PoseVAE, z_mean: np
     Returns:
         the :class:`~particle_vae.engine.refine.RefineResult` with turned angles and references.
     """
-    from particle_vae.analysis.averages import DRAWING_CENTRING_ITERATIONS, centre_on_mass, decode_at_pose_zero
+    from particle_vae.analysis.averages import decode_centred
     from particle_vae.engine.refine import apply_registration, register_frames, resample_image
 
     k, box = refined.references.shape[0], refined.references.shape[-1]
@@ -437,9 +439,7 @@ def frames_of_the_model(refined, refined_apix: float, model: PoseVAE, z_mean: np
         return refined
     means = np.stack([np.bincount(refined.classes, weights=z[:, d], minlength=k) for d in range(z.shape[1])], 1)
     means /= np.maximum(counts, 1)[:, None]
-    drawings = decode_at_pose_zero(model, means)
-    drawings = np.stack([resample_image(centre_on_mass(torch.as_tensor(d), DRAWING_CENTRING_ITERATIONS)[0].numpy(), model_apix,
-                                        box, refined_apix) for d in drawings])
+    drawings = np.stack([resample_image(d, model_apix, box, refined_apix) for d in decode_centred(model, means)])
     registration = register_frames(refined.references, drawings, weights=counts)
     groups = int(registration.group.max()) + 1
     log.info("pose refinement: the %d classes in %d group(s) of matching references, each group turned onto the generator's "
@@ -451,7 +451,7 @@ def frames_of_the_model(refined, refined_apix: float, model: PoseVAE, z_mean: np
 def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, checkpoint: str = "best", batch_size: int = 256,
               device: str = "auto", num_workers: int = 0, datadir: Path | None = None, pixel_size: float | None = None,
               overwrite: bool = False, context: DistContext | None = None, bf16: bool = False,
-              centre: bool = True, refine=None, refine_classes: int = 20, refine_box: int = 128,
+              centre: bool = True, refine=None, refine_classes: int = REFINE_CLASSES, refine_box: int = 128,
               project_dir: Path | None = None, poses_to_relion_columns: bool = False) -> tuple[Path, Path]:
     """Load a run, read out every particle and write ``out_path`` (STAR) and a ``.npz`` beside it
     (``bf16``: see :func:`run_inference`; ``centre``: centred origins, see the module docstring).
@@ -529,6 +529,8 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
                      "(--no-center: not)", float(np.hypot(*centres.T).mean()))
 
     def write() -> None:
+        from particle_vae.engine.refine import class_masses
+
         if "predicted_class" in result.extra and config.get("class_values"):
             result.extra["predicted_class"] = original_class_values(result.extra["predicted_class"], config["class_values"])
         columns = result_columns(result, model_apix, pose=model.has_pose, centres_px=centres)
@@ -539,8 +541,10 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             columns["rlnOriginYAngst"] = np.round(refined.origin_px[:, 1] * refined_apix, 6)
             for key, name in REFINE_COLUMNS.items():
                 columns[name] = np.round(getattr(refined, key).astype(np.float64), 6)
-            columns["pvaeRefineClass"] = refined.classes + 1
-            refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references,
+            columns[REFINE_CLASS_COLUMN] = refined.classes + 1
+            masses = class_masses(refined.references, refined_apix)
+            columns[REFINE_MASS_COLUMN] = np.round(masses[refined.classes], 3)
+            refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references, "refine_class_mass": masses,
                               "refine_pixel_size": refined_apix, "refine_psi_std_deg": refined.psi_std_deg}
         star_in = prepared.source.star if prepared.source is not None else None
         columns = pose_columns_renamed(columns, pose_target_columns(star_in, poses_to_relion_columns))

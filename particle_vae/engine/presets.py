@@ -46,6 +46,16 @@ TRAINING_PRESETS: dict[str, dict] = {
     },
 }
 
+#: class references of infer's pose refinement (at most one per 20 particles): more references hold
+#: fewer views each; 40 against 20 took the low-SNR benchmark's origins from 1.63 to 1.34 px and its
+#: same-view psi errors from 1.9/5.3/23.6 to 1.6/2.9/12.8 degrees (docs/benchmarks.md)
+REFINE_CLASSES = 40
+
+#: analyze: relative difference of two refinement classes' masses that counts as much as one prior standard
+#: deviation of their mean latents when the classes are grouped (:func:`particle_vae.analysis.clustering.merge_groups`);
+#: on the low-SNR benchmark's runs any value from 0.02 to 0.2 grouped the same (docs/analysis.md)
+MASS_TOLERANCE = 0.1
+
 #: which preset a benchmark uses by default, and its theta prior
 BENCHMARK_THETA_PRIOR = {"mnist-n": ("normal", math.pi / 4), "mnist-u": ("uniform", None),
                          "so2": ("uniform", None), "se2": ("uniform", None)}

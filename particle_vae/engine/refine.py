@@ -470,6 +470,24 @@ def apply_registration(result: RefineResult, registration: FrameRegistration) ->
     return dataclasses.replace(result, psi_deg=psi, references=references)
 
 
+def class_masses(references: np.ndarray, pixel_size: float) -> np.ndarray:
+    """The integrated density of each class reference: the same for every view of one structure.
+
+    A projection's integral is the object's total density whatever the view, so
+    classes of one structure share it and structures of different mass differ.
+    The references are CTF-corrected and have no constant term over the box, so
+    the sum measures the object against its surroundings inside the mask.
+
+    Args:
+        references: ``(K, N, N)`` (:attr:`RefineResult.references`, normalised data units).
+        pixel_size: Angstrom per pixel of the references.
+    Returns:
+        ``(K,)`` float64, data units x Angstrom^2 (comparable between runs on the same normalisation).
+    """
+    references = np.asarray(references, dtype=np.float64)
+    return references.sum(axis=(-2, -1)) * float(pixel_size) ** 2
+
+
 def resample_image(image: np.ndarray, pixel_size: float, box: int, new_pixel_size: float) -> np.ndarray:
     """An image on another pixel grid with the same centre (pixel ``N // 2``), band-limited to the new grid.
 

@@ -415,7 +415,7 @@ class ModelHandle:
     def decode(self, z) -> np.ndarray:
         """``model.decode(z, theta=0, t=0)`` centred on its centre of mass: ``(B, k)`` or ``(k,)`` latents
         -> ``(B, box, box)`` float32 (data units)."""
-        from particle_vae.analysis.averages import DRAWING_CENTRING_ITERATIONS, centre_on_mass, decode_at_pose_zero
+        from particle_vae.analysis.averages import decode_centred
 
         z = np.asarray(z, dtype=np.float64)
         if z.ndim == 1:
@@ -423,8 +423,7 @@ class ModelHandle:
         if z.shape[1] != self.zdim:
             raise ParticleVAEError(f"{self.run_dir}: the model has {self.zdim} latent dimensions but the point has {z.shape[1]}; "
                                    "open the STAR together with the run that wrote it")
-        drawings = decode_at_pose_zero(self.model, z)
-        return np.stack([centre_on_mass(image, DRAWING_CENTRING_ITERATIONS)[0].numpy() for image in drawings]).astype(np.float32)
+        return decode_centred(self.model, z)
 
     def traverse(self, z_start, z_end, steps: int = 9) -> tuple[np.ndarray, np.ndarray]:
         """Decode ``steps`` points on the straight line from ``z_start`` to ``z_end``.
