@@ -454,33 +454,29 @@ def analysis_record(request, star_path: Path, run_path: Path | None, columns: li
 
 
 def _refinement_classes(star, star_path: Path):
-    """``(N,)`` classes of infer's pose refinement (its ``pvaeRefineClass`` column), or ``None`` without one.
-
-    Raises:
-        InputFileError: the column holds something other than finite numbers.
-    """
-    if REFINE_CLASS_COLUMN not in star.particles.columns:
-        return None
-    classes = star.particles[REFINE_CLASS_COLUMN].to_numpy()
-    if not (np.issubdtype(classes.dtype, np.number) and np.isfinite(classes).all()):
-        raise InputFileError(f"its {REFINE_CLASS_COLUMN} column holds values that are not class numbers", star_path,
-                             "restore the column written by particle-vae infer, or delete it to cluster the latents")
-    return classes
+    """``(N,)`` classes of infer's pose refinement (its ``pvaeRefineClass`` column), or ``None`` without one."""
+    return _numeric_column(star, star_path, REFINE_CLASS_COLUMN, "class numbers",
+                           "restore the column written by particle-vae infer, or delete it to cluster the latents")
 
 
 def _refinement_masses(star, star_path: Path):
-    """``(N,)`` mass of each particle's refinement class (infer's ``pvaeRefineClassMass``), or ``None`` without the column.
+    """``(N,)`` mass of each particle's refinement class (infer's ``pvaeRefineClassMass``), or ``None`` without the column."""
+    return _numeric_column(star, star_path, REFINE_MASS_COLUMN, "numbers",
+                           "restore the column written by particle-vae infer, or give --mass-tolerance 0 to group by the latents alone")
+
+
+def _numeric_column(star, star_path: Path, column: str, what: str, fix: str):
+    """``(N,)`` values of one of infer's columns, or ``None`` when the STAR lacks it.
 
     Raises:
         InputFileError: the column holds something other than finite numbers.
     """
-    if REFINE_MASS_COLUMN not in star.particles.columns:
+    if column not in star.particles.columns:
         return None
-    mass = star.particles[REFINE_MASS_COLUMN].to_numpy()
-    if not (np.issubdtype(mass.dtype, np.number) and np.isfinite(mass).all()):
-        raise InputFileError(f"its {REFINE_MASS_COLUMN} column holds values that are not numbers", star_path,
-                             "restore the column written by particle-vae infer, or give --mass-tolerance 0 to group by the latents alone")
-    return mass
+    values = star.particles[column].to_numpy()
+    if not (np.issubdtype(values.dtype, np.number) and np.isfinite(values).all()):
+        raise InputFileError(f"its {column} column holds values that are not {what}", star_path, fix)
+    return values
 
 
 def _poses(star, path: Path, pixel_size):
