@@ -384,6 +384,11 @@ def test_analyze_groups_refinement_classes_by_mass(tmp_path, capsys):
     broken.write_text(text)
     assert cli.main(["-q", "analyze", str(broken), "--k", "2", "--no-images", "--out", str(tmp_path / "broken_out")]) == 2
     assert "pvaeRefineClassMass column holds values that are not numbers" in one_line_error(capsys)
+    classes = ParticleStar(path).particles["pvaeRefineClass"].to_numpy().astype(np.float64)
+    classes[3] = np.nan
+    no_class = ParticleStar(path).with_columns({"pvaeRefineClass": classes}).write(tmp_path / "no_class.star")
+    assert cli.main(["-q", "analyze", str(no_class), "--k", "2", "--no-images", "--out", str(tmp_path / "no_class_out")]) == 2
+    assert "pvaeRefineClass column holds values that are not class numbers" in one_line_error(capsys)
 
 
 def test_analyze_groups_the_refinement_classes_when_they_are_there(tmp_path, capsys):
