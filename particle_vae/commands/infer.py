@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from particle_vae.engine.presets import REFINE_CLASSES
+from particle_vae.engine.presets import REFINE_CLASSES, REFINE_PARTICLES_PER_CLASS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +62,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="write the model's own poses instead of refining them by likelihood search against class references")
     refine.add_argument("--refine-iterations", type=int, default=12, help="expectation-maximisation iterations")
     refine.add_argument("--refine-classes", type=int, default=REFINE_CLASSES,
-                        help="class references, seeded by k-means of the latents (at most one per 20 particles; more for many distinct views)")
+                        help=f"class references, seeded by k-means of the latents (at most one per {REFINE_PARTICLES_PER_CLASS} particles; "
+                             "more for many distinct views)")
     refine.add_argument("--refine-angle-step", type=float, default=5.0,
                         help="degrees between searched angles (each pose is then refined below the step)")
     refine.add_argument("--refine-max-shift", type=int, help="largest particle shift searched, pixels of the refined images "

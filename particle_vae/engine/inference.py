@@ -56,7 +56,7 @@ from particle_vae.data.sampling import make_loader
 from particle_vae.engine import distributed as ddp
 from particle_vae.engine.data import PreparedData, prepare_data
 from particle_vae.engine.distributed import SINGLE, DistContext
-from particle_vae.engine.presets import REFINE_CLASSES
+from particle_vae.engine.presets import REFINE_CLASSES, REFINE_PARTICLES_PER_CLASS
 from particle_vae.engine.run import RunDirectory
 from particle_vae.errors import InputFileError, ParticleVAEError
 from particle_vae.io.atomic import check_output_path
@@ -407,7 +407,7 @@ def refine_from_readout(prepared: PreparedData, result: InferenceResult, model_a
             # the poses are still worth refining; without the CTF they are less exact at high defocus
             log.warning("%s; the pose refinement runs without the CTF", incomplete)
     z = result.z_mean
-    labels = latent_groups(z, max(1, min(classes, len(z) // 20)), seed)
+    labels = latent_groups(z, max(1, min(classes, len(z) // REFINE_PARTICLES_PER_CLASS)), seed)
     psi, origin_x, origin_y = model_pose_to_relion(result.theta, result.t, model_apix)
     log.info("pose refinement: %d particles of %d px at %.3g A/px, %d classes seeded by the latents, %s CTF, %d iterations",
              len(z), target, apix, int(labels.max()) + 1, "with the" if table is not None else "no", settings.iterations)

@@ -51,6 +51,11 @@ __all__ = [
 ]
 
 
+# complex elements of the largest temporary of score_poses per chunk of classes (16 MB on the CPU)
+_CHUNK_ELEMENTS_CPU = 1 << 21
+_CHUNK_ELEMENTS_GPU = 1 << 27
+
+
 def psi_grid(n_psi: int) -> np.ndarray:
     """``n_psi`` equally spaced angles in degrees, ``[0, 360)``."""
     return np.arange(n_psi, dtype=np.float64) * (360.0 / n_psi)
@@ -141,13 +146,21 @@ def score_poses(spectra: torch.Tensor, ctf: torch.Tensor | None, reference_spect
     ex = torch.exp(2j * math.pi * fx[:, None] * shifts[None, :] / n).to(torch.complex64)  # (Fx, S)
     ey = torch.exp(2j * math.pi * fy[:, None] * shifts[None, :] / n).to(torch.complex64)  # (Fy, S)
     # cross term: sum_f w Re[C X conj(B) e^{2 pi i (fx dx + fy dy)/N}]; the Hermitian weight 2 stands in for the
-    # mirrored half-plane, whose term is the complex conjugate of this one. Two large matrix products:
-    # first over fx for every (particle, class, angle, fy), then over fy.
-    q = xc[:, None] * refs.conj().reshape(1, k * r, fy_n, fx_n)  # (B, KR, Fy, Fx)
-    along_x = (q.reshape(-1, fx_n) @ ex).reshape(b * k * r, fy_n, s)
-    cross = (ey.T @ along_x.transpose(0, 1).reshape(fy_n, -1)).real  # (S_y, B*KR*S_x)
-    cross = cross.reshape(s, b, k, r, s).permute(1, 2, 3, 0, 4).to(torch.float64)
-    loglik = cross - norm[..., None, None]
+    # mirrored half-plane, whose term is the complex conjugate of this one. The particle side is moved to every
+    # x-shift first (small: B x Fy x Fx x S), then one batched product over fx per row fy gives every (class,
+    # angle, particle, x-shift), and one product over fy every y-shift; no (B, K, R, Fy, Fx) array is formed.
+    moved = (xc.permute(1, 2, 0)[..., None] * ex[None, :, None, :]).reshape(fy_n, fx_n, b * s)  # (Fy, Fx, B*S_x)
+    loglik = torch.empty((b, k, r, s, s), dtype=torch.float64, device=device)
+    # classes in chunks: on the CPU, temporaries under glibc's mmap threshold are reused instead of being
+    # page-faulted afresh for every batch (which cost more system time than the products themselves)
+    budget = _CHUNK_ELEMENTS_CPU if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    step = max(1, budget // max(1, fy_n * r * b * s))
+    for first in range(0, k, step):
+        last = min(k, first + step)
+        rows = refs[first:last].conj().reshape((last - first) * r, fy_n, fx_n).transpose(0, 1)  # (Fy, kR, Fx)
+        along_x = torch.bmm(rows, moved)  # (Fy, kR, B*S_x)
+        cross = (ey.T @ along_x.reshape(fy_n, -1)).real.reshape(s, last - first, r, b, s)  # (S_y, k, R, B, S_x)
+        torch.sub(cross.permute(3, 1, 2, 0, 4), norm[:, first:last, :, None, None], out=loglik[:, first:last])
     return PoseScores(loglik=loglik, shifts=shifts)
 
 
@@ -199,16 +212,21 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
     """
     loglik = scores.loglik
     b, k, r, s, _ = loglik.shape
+    # in place on one copy: at 100 classes these arrays are hundreds of MB per batch
     logpost = loglik.clone()
     if log_class_prior is not None:
         prior = log_class_prior.to(loglik)
-        logpost = logpost + (prior[None] if prior.dim() == 1 else prior)[:, :, None, None, None]
+        logpost += (prior[None] if prior.dim() == 1 else prior)[:, :, None, None, None]
     if shift_sigma is not None and shift_sigma > 0:
         d2 = scores.shifts[:, None] ** 2 + scores.shifts[None, :] ** 2
-        logpost = logpost - (d2 / (2 * shift_sigma ** 2))[None, None, None]
+        logpost -= (d2 / (2 * shift_sigma ** 2))[None, None, None]
     flat = logpost.reshape(b, -1)
-    evidence = torch.logsumexp(flat, dim=1)
-    posterior = torch.exp(flat - evidence[:, None])
+    peak = flat.max(dim=1).values
+    # below e^-100 of the peak a pose weighs nothing; the clamp also keeps exp off its slow path for huge arguments
+    posterior = flat.sub_(peak[:, None]).clamp_(min=-100.0).exp_()
+    total = posterior.sum(dim=1)
+    posterior /= total[:, None]
+    evidence = peak + torch.log(total)
     probability, best = posterior.max(dim=1)
     kk, rr, yy, xx = np.unravel_index(best.cpu().numpy(), (k, r, s, s))
     kk, rr, yy, xx = (torch.as_tensor(a, device=loglik.device) for a in (kk, rr, yy, xx))

@@ -46,10 +46,12 @@ TRAINING_PRESETS: dict[str, dict] = {
     },
 }
 
-#: class references of infer's pose refinement (at most one per 20 particles): more references hold
-#: fewer views each; 40 against 20 took the low-SNR benchmark's origins from 1.63 to 1.34 px and its
-#: same-view psi errors from 1.9/5.3/23.6 to 1.6/2.9/12.8 degrees (docs/benchmarks.md)
-REFINE_CLASSES = 40
+#: class references of infer's pose refinement, at most one per REFINE_PARTICLES_PER_CLASS particles: more
+#: references hold fewer views each. On the SNR 0.1 low-SNR benchmark (2,400 particles) 20, 40, 60, 80 and
+#: 100 classes gave origins of 1.63, 1.34, 1.17, 1.01 and 1.09 px and refinement-class purities of 0.92, 0.96,
+#: 0.97, 0.986 and 0.982 (docs/benchmarks.md): below about 30 particles a class's average gets too noisy
+REFINE_CLASSES = 80
+REFINE_PARTICLES_PER_CLASS = 30
 
 #: analyze: relative difference of two refinement classes' masses that counts as much as one prior standard
 #: deviation of their mean latents when the classes are grouped (:func:`particle_vae.analysis.clustering.merge_groups`);
