@@ -147,6 +147,23 @@ def test_noise_power_units_match_the_likelihood():
     assert power[1:].numpy() == pytest.approx(np.full(16, 0.25 * 32 * 32), rel=0.1)
 
 
+def test_a_class_ruled_out_by_the_prior_gets_exactly_no_weight():
+    """-inf in the class prior (the seed iterations' per-particle prior) gives zero probability and no top
+    pose, even where the likelihood prefers that class by far."""
+    box = 24
+    references = torch.stack([template(box, 0), template(box, 1)])
+    particles = references[1:2].repeat(2, 1, 1)  # both particles are class 1
+    grid = psi_grid(8)
+    scores = score_poses(torch.fft.rfft2(particles), None, rotated_spectra(references.float(), grid),
+                         torch.ones(box, box // 2 + 1), 2, float(box))
+    prior = torch.tensor([[0.0, -math.inf], [-math.inf, 0.0]], dtype=torch.float64)
+    best = best_poses(scores, grid, prior, shift_sigma=1.0, top=4)
+    assert best.classes.tolist() == [0, 1]
+    assert float(best.class_probability[0, 1]) == 0.0 and float(best.class_probability[1, 0]) == 0.0
+    assert best.top[0, :, 0].tolist() == [0.0] * 4 and best.top[1, :, 0].tolist() == [1.0] * 4
+    assert torch.isfinite(best.log_evidence).all()
+
+
 @pytest.mark.parametrize("chunk_elements", [1, 1 << 40])
 def test_scores_equal_the_real_space_likelihood_whatever_the_class_chunks(monkeypatch, chunk_elements):
     """Every entry of score_poses is N^2 (<x, m> - <m, m> / 2) for the model image m = CTF * (reference turned

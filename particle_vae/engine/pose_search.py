@@ -214,9 +214,12 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
     b, k, r, s, _ = loglik.shape
     # in place on one copy: at 100 classes these arrays are hundreds of MB per batch
     logpost = loglik.clone()
+    ruled_out = None
     if log_class_prior is not None:
         prior = log_class_prior.to(loglik)
-        logpost += (prior[None] if prior.dim() == 1 else prior)[:, :, None, None, None]
+        prior = (prior[None] if prior.dim() == 1 else prior).expand(b, k)
+        logpost += prior[:, :, None, None, None]
+        ruled_out = torch.isneginf(prior)
     if shift_sigma is not None and shift_sigma > 0:
         d2 = scores.shifts[:, None] ** 2 + scores.shifts[None, :] ** 2
         logpost -= (d2 / (2 * shift_sigma ** 2))[None, None, None]
@@ -224,6 +227,8 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
     peak = flat.max(dim=1).values
     # below e^-100 of the peak a pose weighs nothing; the clamp also keeps exp off its slow path for huge arguments
     posterior = flat.sub_(peak[:, None]).clamp_(min=-100.0).exp_()
+    if ruled_out is not None and bool(ruled_out.any()):
+        posterior.view(b, k, -1).masked_fill_(ruled_out[:, :, None], 0.0)  # exactly zero, not e^-100
     total = posterior.sum(dim=1)
     posterior /= total[:, None]
     evidence = peak + torch.log(total)
