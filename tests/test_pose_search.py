@@ -338,3 +338,35 @@ def test_class_masses_are_the_same_for_every_view_and_pixel_size():
     coarse = resample_image(views[0], 2.0, 32, 3.0)
     assert abs(class_masses(coarse[None], 3.0)[0] / masses[0] - 1) < 0.005
     assert np.allclose(class_masses(2 * views, 2.0), 2 * masses)
+
+
+
+def test_posterior_mean_shift_is_the_mean_over_every_pose():
+    """``shift_mean_px(m)`` is the posterior mean of d with the mode's neighbourhood (its class, the grid angles
+    and shifts next to it) moved to ``m``: brute force over every pose."""
+    from particle_vae.engine.pose_search import PoseScores
+
+    rng = np.random.default_rng(13)
+    b, k, r, s = 5, 3, 8, 7
+    shifts = torch.arange(-(s // 2), s // 2 + 1, dtype=torch.float64)
+    loglik = torch.as_tensor(rng.normal(0.0, 2.0, (b, k, r, s, s)))
+    loglik[0, 1, 2, 3, 4] += 20.0  # one confident particle; the others spread over many poses
+    best = best_poses(PoseScores(loglik=loglik, shifts=shifts), psi_grid(r), shift_sigma=2.0)
+    post = torch.softmax((loglik - (shifts[:, None] ** 2 + shifts[None, :] ** 2) / 8.0).reshape(b, -1), 1).reshape(loglik.shape)
+    refined_mode = best.top[:, 0, 2:] + torch.as_tensor(rng.uniform(-0.5, 0.5, (b, 2)))
+    for i in range(b):
+        kk, rr, yy, xx = np.unravel_index(int(post[i].argmax()), (k, r, s, s))
+        mean, mode_weight = torch.zeros(2, dtype=torch.float64), 0.0
+        for index in np.ndindex(k, r, s, s):
+            p = float(post[i][index])
+            near = (index[0] == kk and min((index[1] - rr) % r, (rr - index[1]) % r) <= 1
+                    and abs(index[2] - yy) <= 1 and abs(index[3] - xx) <= 1)
+            if near:
+                mode_weight += p
+            else:
+                mean += p * torch.stack([shifts[index[3]], shifts[index[2]]])
+        mean += mode_weight * refined_mode[i]
+        assert float(best.mode_weight[i]) == pytest.approx(mode_weight, abs=1e-12)
+        assert torch.allclose(best.shift_mean_px(refined_mode)[i], mean, atol=1e-10), i
+    assert float(best.mode_weight[0]) > 0.99 and float(best.mode_weight[1:].max()) < 0.9
+    assert torch.allclose(best.shift_mean_px()[0], best.shift_px[0], atol=0.01)

@@ -178,6 +178,10 @@ class BestPoses:
         log_evidence: ``(B,)`` log of the summed likelihood (with priors), up to a constant.
         top: ``(B, P, 4)`` float64 rows ``(class, psi_deg, dx, dy)`` of the P most probable grid poses;
         top_weight: ``(B, P)`` their normalised posterior weights.
+        mode_weight: ``(B,)`` posterior probability of the best grid pose's neighbourhood (its class, the
+            neighbouring angles and shifts on the grid).
+        away_shift_sum: ``(B, 2)`` pixels, the sum of ``probability x d`` over every other grid pose: the
+            posterior mean of ``d`` is ``mode_weight x (the mode's d) + away_shift_sum``.
     """
 
     classes: torch.Tensor
@@ -189,6 +193,19 @@ class BestPoses:
     log_evidence: torch.Tensor
     top: torch.Tensor
     top_weight: torch.Tensor
+    mode_weight: torch.Tensor
+    away_shift_sum: torch.Tensor
+
+    def shift_mean_px(self, mode_shift_px: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior mean of ``d`` ``(B, 2)``, pixels, with the mode's neighbourhood placed at ``mode_shift_px``
+        (default :attr:`shift_px`, e.g. after :func:`local_refine`).
+
+        The particle's centre in the image does not depend on the class or angle (every class reference
+        is centred the same way), so the mean over the whole posterior is meaningful; where the posterior
+        is split between poses it is the estimate of least expected squared error.
+        """
+        mode = self.shift_px if mode_shift_px is None else mode_shift_px
+        return self.mode_weight[:, None] * mode.to(self.away_shift_sum) + self.away_shift_sum
 
 
 def _parabola_offset(left: torch.Tensor, centre: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -263,9 +280,22 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
     top_rows = torch.stack([torch.as_tensor(tk, dtype=torch.float64), torch.as_tensor(psi_deg[tr], dtype=torch.float64),
                             scores.shifts.cpu()[torch.as_tensor(tx)], scores.shifts.cpu()[torch.as_tensor(ty)]], dim=-1)
     weight = weight / weight.sum(dim=1, keepdim=True)
+    # the mode's neighbourhood: its class, angles rr-1..rr+1 (periodic), shifts within one grid step on each axis
+    near = torch.zeros((b, r, s, s), dtype=torch.bool, device=loglik.device)
+    for dr in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                near[rows, (rr + dr) % r, (yy + dy).clamp(0, s - 1), (xx + dx).clamp(0, s - 1)] = True
+    in_class = post[rows, kk]  # (B, R, S, S)
+    mode_weight = (in_class * near).sum(dim=(1, 2, 3))
+    shift_mass_x = post.sum(dim=(1, 2, 3)) @ scores.shifts  # sum over every pose of p * dx: (B,)
+    shift_mass_y = post.sum(dim=(1, 2, 4)) @ scores.shifts
+    near_x = ((in_class * near).sum(dim=(1, 2)) * scores.shifts).sum(-1)
+    near_y = ((in_class * near).sum(dim=(1, 3)) * scores.shifts).sum(-1)
+    away = torch.stack([shift_mass_x - near_x, shift_mass_y - near_y], dim=1)
     return BestPoses(classes=kk, psi_deg=psi, shift_px=shift, probability=probability, psi_std_deg=psi_std,
                      class_probability=class_probability, log_evidence=evidence, top=top_rows.to(loglik.device),
-                     top_weight=weight)
+                     top_weight=weight, mode_weight=mode_weight, away_shift_sum=away)
 
 
 def local_refine(spectra: torch.Tensor, ctf: torch.Tensor | None, references: torch.Tensor, inv_sigma2: torch.Tensor,
