@@ -286,13 +286,12 @@ def best_poses(scores: PoseScores, psi_deg: np.ndarray, log_class_prior: torch.T
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 near[rows, (rr + dr) % r, (yy + dy).clamp(0, s - 1), (xx + dx).clamp(0, s - 1)] = True
-    in_class = post[rows, kk]  # (B, R, S, S)
-    mode_weight = (in_class * near).sum(dim=(1, 2, 3))
-    shift_mass_x = post.sum(dim=(1, 2, 3)) @ scores.shifts  # sum over every pose of p * dx: (B,)
-    shift_mass_y = post.sum(dim=(1, 2, 4)) @ scores.shifts
-    near_x = ((in_class * near).sum(dim=(1, 2)) * scores.shifts).sum(-1)
-    near_y = ((in_class * near).sum(dim=(1, 3)) * scores.shifts).sum(-1)
-    away = torch.stack([shift_mass_x - near_x, shift_mass_y - near_y], dim=1)
+    # shift marginals (B, S_y, S_x) of the whole posterior and of the mode's neighbourhood; one pass over post
+    near_post = (post[rows, kk] * near).sum(dim=1)
+    shift_post = post.sum(dim=(1, 2))
+    mode_weight = near_post.sum(dim=(1, 2))
+    away_post = shift_post - near_post
+    away = torch.stack([away_post.sum(dim=1) @ scores.shifts, away_post.sum(dim=2) @ scores.shifts], dim=1)
     return BestPoses(classes=kk, psi_deg=psi, shift_px=shift, probability=probability, psi_std_deg=psi_std,
                      class_probability=class_probability, log_evidence=evidence, top=top_rows.to(loglik.device),
                      top_weight=weight, mode_weight=mode_weight, away_shift_sum=away)
