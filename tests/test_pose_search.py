@@ -340,7 +340,6 @@ def test_class_masses_are_the_same_for_every_view_and_pixel_size():
     assert np.allclose(class_masses(2 * views, 2.0), 2 * masses)
 
 
-
 def test_posterior_mean_shift_is_the_mean_over_every_pose():
     """``shift_mean_px(m)`` is the posterior mean of d with the mode's neighbourhood (its class, the grid angles
     and shifts next to it) moved to ``m``: brute force over every pose."""
