@@ -331,6 +331,20 @@ def test_merge_groups_keeps_groups_whole_and_follows_their_means():
         clustering.merge_groups(z, groups, 5)
 
 
+def test_merge_groups_puts_joined_particles_in_the_cluster_of_the_group_they_join():
+    """``join`` moves single particles (infer's low-resolution class) and leaves the clusters of the groups as they were."""
+    z = np.array([[0.0], [0.2], [10.0], [10.4], [0.1], [9.9]])
+    groups = np.array([7, 7, 3, 3, 5, 9])
+    plain = clustering.merge_groups(z, groups, 2)
+    # particle 1 (group 7, near 0) joins group 9 (near 10); particle 3 joins its own group; 4 names a group no particle has
+    joined = clustering.merge_groups(z, groups, 2, join=np.array([7, 9, 3, 3, 42, 9]))
+    assert joined.labels.tolist() == [1, 0, 0, 0, 1, 0] and joined.counts.tolist() == [4, 2]
+    assert joined.info["moved"] == 1 and plain.info["moved"] == 0
+    np.testing.assert_allclose(joined.centres[:, 0], [(0.2 + 10.0 + 10.4 + 9.9) / 4, 0.05])
+    with pytest.raises(ValueError, match="5 joined groups"):
+        clustering.merge_groups(z, groups, 2, join=groups[:5])
+
+
 def test_merge_groups_separates_structures_by_mass_where_the_latents_mix():
     """Six classes: two structures seen in three views each, where the latent follows the view
     (means 0, 1, 2 for both); the masses (1000 and 1300, each within 1%) tell the structures apart."""
@@ -389,6 +403,32 @@ def test_analyze_groups_refinement_classes_by_mass(tmp_path, capsys):
     no_class = ParticleStar(path).with_columns({"pvaeRefineClass": classes}).write(tmp_path / "no_class.star")
     assert cli.main(["-q", "analyze", str(no_class), "--k", "2", "--no-images", "--out", str(tmp_path / "no_class_out")]) == 2
     assert "pvaeRefineClass column holds values that are not class numbers" in one_line_error(capsys)
+
+
+def test_analyze_puts_each_particle_in_the_group_of_its_low_resolution_class(tmp_path, capsys):
+    """infer's pvaeLowResClass moves a particle into the group of the class it fits best at low resolution;
+    without the column every particle stays with its refinement class."""
+    plain_path = _refined_pair(tmp_path)
+    star = ParticleStar(plain_path)
+    classes = star.particles["pvaeRefineClass"].to_numpy()
+    low_res = classes.copy()
+    moved = np.flatnonzero(classes == 1)[:3]
+    target = classes[np.argmax(star.particles["pvaeTruth"].to_numpy() != star.particles["pvaeTruth"].to_numpy()[moved[0]])]
+    low_res[moved] = target
+    path = star.with_columns({"pvaeLowResClass": low_res}).write(tmp_path / "low_res.star")
+    assert cli.main(["-q", "analyze", str(path), "--k", "2", "--no-images", "--out", str(tmp_path / "joined")]) == 0
+    joined = ParticleStar(tmp_path / "joined" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    assert cli.main(["-q", "analyze", str(plain_path), "--k", "2", "--no-images", "--out", str(tmp_path / "plain")]) == 0
+    plain = ParticleStar(tmp_path / "plain" / "clustered_particles.star").particles["rlnClassNumber"].to_numpy()
+    partner = np.flatnonzero(classes == target)[0]
+    assert (joined[moved] == joined[partner]).all() and (plain[moved] != plain[partner]).all()
+    rest = np.setdiff1d(np.arange(len(classes)), moved)
+    assert clustering_accuracy(plain[rest], joined[rest]) == 1.0
+    broken = star.with_columns({"pvaeLowResClass": np.where(np.arange(len(low_res)) == 2, np.nan, low_res)})
+    broken_path = broken.write(tmp_path / "broken.star")
+    capsys.readouterr()
+    assert cli.main(["-q", "analyze", str(broken_path), "--k", "2", "--no-images", "--out", str(tmp_path / "broken")]) == 2
+    assert "pvaeLowResClass column holds values that are not class numbers" in one_line_error(capsys)
 
 
 def test_analyze_groups_the_refinement_classes_when_they_are_there(tmp_path, capsys):

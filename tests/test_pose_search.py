@@ -15,7 +15,7 @@ from particle_vae.conventions import euler_to_matrix, fourier_shift, pixel_grid,
 from particle_vae.data.ctf import apply_ctf, ctf_from_table
 from particle_vae.data.memory import ArrayDataset
 from particle_vae.engine.pose_search import best_poses, local_refine, psi_grid, rotated_spectra, score_poses
-from particle_vae.engine.refine import RefineSettings, aligned_ctf_table, refine_poses
+from particle_vae.engine.refine import RefineSettings, aligned_ctf_table, low_resolution_classes, refine_poses
 from particle_vae.fourier import shell_means
 
 BOX = 48
@@ -220,6 +220,35 @@ def test_refinement_recovers_consistent_poses_of_two_classes_from_random_seeds()
     centre_true = -origin_true
     assert origin_errors(result.origin_px, result.psi_deg, centre_true, classes).mean() < 1.0
     assert result.psi_std_deg.shape == (len(classes),) and np.isfinite(result.psi_std_deg).all()
+    # the structure decision at low resolution agrees with the classes where the objects differ in size and shape
+    assert result.low_res_classes.shape == (len(classes),) and purity(classes, result.low_res_classes) > 0.95
+
+
+def test_low_resolution_class_is_the_one_whose_envelope_matches_not_its_fine_detail():
+    """A wide blob carrying the fine ripple of a small blob's class: over every frequency the small blob's
+    reference (it has the ripple) fits better, up to a low resolution the wide blob's (exactly its envelope).
+    A class that is not allowed is never chosen."""
+    box = 48
+    grid = pixel_grid(box, dtype=torch.float64)
+    r2 = grid[..., 0] ** 2 + grid[..., 1] ** 2
+
+    def blob(sigma):
+        return torch.exp(-r2 / (2 * sigma ** 2))
+
+    ripple = 0.8 * torch.cos(2 * math.pi * 14 * grid[..., 0] / box) * blob(8.0)
+    references = torch.stack([blob(7.0), 1.6 * blob(4.5) + ripple, 0.3 * blob(12.0)])
+    rng = np.random.default_rng(11)
+    psi = rng.uniform(-180, 180, 6)
+    origin = rng.uniform(-2, 2, (6, 2))
+    particles = particles_of(blob(7.0) + ripple, psi, origin, None)
+    dataset = ArrayDataset(particles.numpy())
+    sigma2 = torch.ones(box // 2 + 1, dtype=torch.float64)
+    allowed = np.ones(3, dtype=bool)
+    full = low_resolution_classes(dataset, None, APIX, references, sigma2, allowed, box // 2 - 1, 4, progress=False)
+    low = low_resolution_classes(dataset, None, APIX, references, sigma2, allowed, 4.0, 4, progress=False)
+    assert full.tolist() == [1] * 6 and low.tolist() == [0] * 6
+    allowed[0] = False
+    assert low_resolution_classes(dataset, None, APIX, references, sigma2, allowed, 4.0, 4, progress=False).tolist() == [1] * 6
 
 
 def _view_pose(rot: float, tilt: float, psi: float) -> np.ndarray:
@@ -301,13 +330,16 @@ def test_infer_refines_poses_by_default_and_no_refine_keeps_the_models(tmp_path,
     assert cli.main(["-q", "infer", str(run), "--out", str(refined), "--refine-iterations", "2"]) == 0
     assert cli.main(["-q", "infer", str(run), "--out", str(plain), "--no-refine"]) == 0
     rows = ParticleStar(refined).particles
-    for column in ("pvaeAnglePsiStd", "pvaePoseProbability", "pvaeRefineClass", "pvaeRefineClassProbability"):
+    for column in ("pvaeAnglePsiStd", "pvaePoseProbability", "pvaeRefineClass", "pvaeRefineClassProbability", "pvaeLowResClass"):
         assert column in rows.columns
     assert rows["pvaeAnglePsiStd"].between(0, 400).all() and rows["pvaePoseProbability"].between(0, 1).all()
     assert rows["rlnAnglePsi"].between(-180, 180).all()
     assert "pvaeAnglePsiStd" not in ParticleStar(plain).particles.columns
     record = np.load(refined.with_suffix(".npz"))
     assert record["refine_references"].shape[1:] == (32, 32) and len(record["theta"]) == 60
+    np.testing.assert_array_equal(record["refine_low_res_classes"] + 1, rows["pvaeLowResClass"].to_numpy())
+    # the low-resolution class is one that kept particles
+    assert set(rows["pvaeLowResClass"]) <= set(rows["pvaeRefineClass"])
     # each particle carries its class's mass, the integrated density of the class reference
     from particle_vae.engine.refine import class_masses
 

@@ -297,7 +297,8 @@ def _fit_clusters(z: np.ndarray, k: int, method: str, seed: int) -> ClusterResul
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method=method, info=info)
 
 
-def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: float = MASS_TOLERANCE) -> ClusterResult:
+def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: float = MASS_TOLERANCE,
+                 join=None) -> ClusterResult:
     """Cluster whole groups of particles (e.g. the classes of ``infer``'s pose refinement) into ``k`` clusters.
 
     Each group is represented by the mean latent of its particles and, when
@@ -322,10 +323,15 @@ def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: fl
             group); ``None``: the latents alone. Values at or below zero (an empty or flat
             reference) count as 1% of the median positive mass.
         mass_tolerance: relative mass difference worth one latent standard deviation (> 0).
+        join: ``(N,)`` the group whose cluster each particle takes instead of its own group's (e.g.
+            infer's class that fits the particle best at low resolution); a value that is no
+            particle's group leaves the particle with its own group's. ``None``: every particle
+            takes its own group's cluster.
     Returns:
         A :class:`ClusterResult` (method ``"kmeans"``, clusters numbered by size, centres the
         member means of ``z``), its ``info`` holding ``groups`` (the number of groups),
-        ``inertia`` and ``mass`` (whether the masses were used).
+        ``inertia``, ``mass`` (whether the masses were used) and ``moved`` (particles whose
+        cluster ``join`` changed).
     Raises:
         ValueError: ``k`` out of range, mismatched lengths, non-finite latents or masses,
             ``mass_tolerance`` not positive.
@@ -345,10 +351,20 @@ def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: fl
         points = np.hstack([points, _log_mass(mass, members, len(names), len(z))[:, None] / _positive(mass_tolerance)])
     with _thread_limit(len(z)):
         fitted = KMeans(n_clusters=int(k), n_init=10, random_state=seed).fit(points, sample_weight=sizes)
-    labels = fitted.labels_.astype(np.int64)[members]
+    own = fitted.labels_.astype(np.int64)[members]
+    labels = own
+    if join is not None:
+        join = np.asarray(join)
+        if join.shape != (len(z),):
+            raise ValueError(f"{len(join)} joined groups for {len(z)} particles")
+        where = np.clip(np.searchsorted(names, join), 0, len(names) - 1)
+        known = names[where] == join
+        labels = np.where(known, fitted.labels_.astype(np.int64)[where], own)
+    moved = int((labels != own).sum())
     labels, centres, counts = _relabel_by_size(labels, _member_means(z, labels, int(k)))
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method="kmeans",
-                         info={"groups": int(len(names)), "inertia": float(fitted.inertia_), "mass": mass is not None})
+                         info={"groups": int(len(names)), "inertia": float(fitted.inertia_), "mass": mass is not None,
+                               "moved": moved})
 
 
 def _positive(value: float) -> float:

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: (:func:`~particle_vae.engine.refine.class_masses`)
 REFINE_CLASS_COLUMN = "pvaeRefineClass"
 REFINE_MASS_COLUMN = "pvaeRefineClassMass"
+#: infer's class that fits each particle best at low resolution (engine.refine, "structure decision")
+LOW_RES_CLASS_COLUMN = "pvaeLowResClass"
 
 #: request field -> the values it takes
 CHOICES = {"method": ("kmeans", "gmm", "ward"), "classes_from": ("auto", "latents", "refinement"),
@@ -239,8 +241,12 @@ def cluster(request, star, star_path: Path, z: np.ndarray) -> Clusters:
             mass = _refinement_masses(star, star_path) if request.mass_tolerance > 0 else None
             log.info("grouping the %d classes of infer's pose refinement into %d by their mean latent%s (--classes-from)",
                      n_refined, k, "" if mass is None else f" and mass (--mass-tolerance {request.mass_tolerance:g})")
+            low_res = _low_resolution_classes(star, star_path)
             result = clustering.merge_groups(z, refine_classes, k, seed=request.seed, mass=mass,
-                                             mass_tolerance=request.mass_tolerance or MASS_TOLERANCE)
+                                             mass_tolerance=request.mass_tolerance or MASS_TOLERANCE, join=low_res)
+            if low_res is not None:
+                log.info("each particle joins the group of its class that fits best at low resolution (%s): %d "
+                         "particles moved", LOW_RES_CLASS_COLUMN, int(result.info["moved"]))
         elif request.k == "auto":
             k_range = tuple(request.k_range) if request.k_range else clustering.default_k_range(method, n)
             log.info("choosing k for %s over %d..%d", method, *k_range)
@@ -457,6 +463,12 @@ def _refinement_classes(star, star_path: Path):
     """``(N,)`` classes of infer's pose refinement (its ``pvaeRefineClass`` column), or ``None`` without one."""
     return _numeric_column(star, star_path, REFINE_CLASS_COLUMN, "class numbers",
                            "restore the column written by particle-vae infer, or delete it to cluster the latents")
+
+
+def _low_resolution_classes(star, star_path: Path):
+    """``(N,)`` infer's low-resolution class of each particle (``pvaeLowResClass``), or ``None`` without the column."""
+    return _numeric_column(star, star_path, LOW_RES_CLASS_COLUMN, "class numbers",
+                           "restore the column written by particle-vae infer, or delete it to keep each particle in its class's group")
 
 
 def _refinement_masses(star, star_path: Path):

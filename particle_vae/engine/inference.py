@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from particle_vae.analysis.pipeline import REFINE_CLASS_COLUMN, REFINE_MASS_COLUMN
+from particle_vae.analysis.pipeline import LOW_RES_CLASS_COLUMN, REFINE_CLASS_COLUMN, REFINE_MASS_COLUMN
 from particle_vae.conventions import model_pose_to_relion
 from particle_vae.data.particles import IndexSubset
 from particle_vae.data.sampling import make_loader
@@ -546,6 +546,9 @@ def infer_run(run_path: Path, out_path: Path, particles: Path | None = None, che
             columns[REFINE_MASS_COLUMN] = np.round(masses[refined.classes], 3)
             refined_arrays = {"refine_classes": refined.classes, "refine_references": refined.references, "refine_class_mass": masses,
                               "refine_pixel_size": refined_apix, "refine_psi_std_deg": refined.psi_std_deg}
+            if refined.low_res_classes is not None:
+                columns[LOW_RES_CLASS_COLUMN] = refined.low_res_classes + 1
+                refined_arrays["refine_low_res_classes"] = refined.low_res_classes
         star_in = prepared.source.star if prepared.source is not None else None
         columns = pose_columns_renamed(columns, pose_target_columns(star_in, poses_to_relion_columns))
         star = output_star(prepared, columns, out_path, project_dir)

@@ -25,6 +25,15 @@ classification uses):
   shift. Every reference is centred on its centre of mass, so a particle's
   centre in the image means the same under every class and angle; where the
   posterior is split the mean errs less than the mode.
+* structure decision: after the last iteration every particle is compared
+  with every final reference once more at low resolution only (4.5 Fourier
+  cycles across the mask's diameter, about 64 A for a 290 A particle), and the
+  class that fits best there is recorded beside the particle's own class. The
+  views of one structure differ in fine detail, and a particle whose view no
+  class of its structure holds fits a similar view of another structure better
+  at full resolution; at low resolution the classes of one structure look alike
+  (size, mass, envelope) and structures differ. ``analyze`` puts each particle
+  in the group of that class (docs/analysis.md).
 
 Each class's angles are relative to its own reference; :func:`register_frames`
 turns the classes into one frame afterwards (references onto each other, then
@@ -58,8 +67,8 @@ from particle_vae.fourier import shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefineSettings", "RefineResult", "refine_poses", "aligned_ctf_table", "FrameRegistration", "register_frames",
-           "apply_registration", "resample_image"]
+__all__ = ["RefineSettings", "RefineResult", "refine_poses", "low_resolution_classes", "aligned_ctf_table", "FrameRegistration",
+           "register_frames", "apply_registration", "resample_image"]
 
 
 @dataclass
@@ -80,6 +89,8 @@ class RefineSettings:
         margin: Fourier shells searched beyond the references' resolution.
         mean_shift: write the posterior mean of each particle's centre (the mode's part refined below the
             grid) instead of the most probable pose's; the angle is always the most probable one's.
+        structure_cycles: resolution of the structure decision (module docstring) as Fourier cycles
+            across the mask's diameter (4.5: a 290 A mask compares to 64 A); ``None`` skips it.
     """
 
     iterations: int = 12
@@ -93,6 +104,7 @@ class RefineSettings:
     device: str = "cpu"
     margin: int = 3
     mean_shift: bool = True
+    structure_cycles: float | None = 4.5
 
 
 @dataclass
@@ -109,6 +121,8 @@ class RefineResult:
         references: ``(K, N, N)`` float32 final class references (CTF-corrected, centred).
         counts: ``(K,)`` particles per class.
         resolution_shells: cutoff (Fourier pixels) used in each iteration.
+        low_res_classes: ``(M,)`` int64 class whose final reference fits each particle best at the low
+            resolution of the structure decision (module docstring); ``classes`` when it was skipped.
     """
 
     classes: np.ndarray
@@ -120,6 +134,7 @@ class RefineResult:
     references: np.ndarray
     counts: np.ndarray
     resolution_shells: list
+    low_res_classes: np.ndarray | None = None
 
 
 def _wrap(angle_deg):
@@ -341,10 +356,55 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
         log.info("pose search iteration %d/%d: search to %.1f A, classes %s, median angle uncertainty %.1f deg",
                  iteration + 1, settings.iterations, box * pixel_size / cutoff,
                  np.bincount(out["classes"], minlength=k).tolist(), float(np.median(out["psi_std"])))
+    counts = np.bincount(out["classes"], minlength=k)
+    low_res = out["classes"]
+    if settings.structure_cycles is not None:
+        low_res = low_resolution_classes(dataset, table, pixel_size, refs, sigma2, counts > 0,
+                                         settings.structure_cycles * box / (2.0 * mask_radius), max_shift, settings.batch_size,
+                                         device, progress)
+        log.info("structure decision at %.0f A: %d particles fit another class best", 2.0 * mask_radius * pixel_size
+                 / settings.structure_cycles, int((low_res != out["classes"]).sum()))
     return RefineResult(classes=out["classes"], psi_deg=_psi_range(out["psi"]), origin_px=-out["shift"], psi_std_deg=out["psi_std"],
                         probability=out["probability"], class_probability=out["class_probability"],
-                        references=refs.cpu().numpy().astype(np.float32), counts=np.bincount(out["classes"], minlength=k),
-                        resolution_shells=cutoffs)
+                        references=refs.cpu().numpy().astype(np.float32), counts=counts, resolution_shells=cutoffs,
+                        low_res_classes=low_res)
+
+
+@torch.no_grad()
+def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: float, references: torch.Tensor, sigma2: torch.Tensor,
+                           allowed: np.ndarray, cutoff: float, max_shift: int, batch_size: int = 32, device="cpu",
+                           progress: bool = True) -> np.ndarray:
+    """The class whose reference fits each particle best (over every angle and shift) up to a low resolution.
+
+    Args:
+        dataset: as for :func:`refine_poses`.
+        table: per-particle CTF parameters, or ``None``.
+        pixel_size: Angstrom per pixel of the images.
+        references: ``(K, N, N)`` class references.
+        sigma2: ``(N // 2 + 1,)`` noise power per Fourier shell.
+        allowed: ``(K,)`` bool, classes that may be chosen (e.g. those that kept particles).
+        cutoff: Fourier radius (Fourier pixels of the ``N``-pixel box) of the comparison.
+        max_shift: largest displacement searched, pixels.
+    Returns:
+        ``(M,)`` int64 class of each particle, in dataset order (``index``).
+    """
+    device = torch.device(device)
+    box = references.shape[-1]
+    grid = psi_grid(72)
+    spectra_refs = rotated_spectra(references.to(device, torch.float32), grid)
+    inv_sigma2 = (1.0 / sigma2.to(device).clamp_min(1e-30))[shell_index(box, device=device)]
+    inv_sigma2[0, 0] = 0.0
+    ruled_out = torch.as_tensor(~np.asarray(allowed, dtype=bool), device=device)
+    chosen = np.zeros(len(dataset), np.int64)
+    for batch in tqdm(make_loader(dataset, batch_size, shuffle=False), desc="structure decision", unit="batch",
+                      disable=None if progress else True, leave=False):
+        images = batch["images"][:, 0].to(device, torch.float32)
+        rows = batch["index"].numpy()
+        scores = score_poses(torch.fft.rfft2(images), _ctf_for(table, rows, box, pixel_size, device), spectra_refs,
+                             inv_sigma2.to(torch.float32), max_shift, cutoff)
+        best = scores.loglik.flatten(2).max(dim=2).values  # (B, K)
+        chosen[rows] = best.masked_fill(ruled_out[None], -math.inf).argmax(dim=1).cpu().numpy()
+    return chosen
 
 
 @dataclass
