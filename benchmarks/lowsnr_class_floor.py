@@ -20,8 +20,7 @@ shifts up to 4 px, Fourier cutoff ``--cutoff``) against:
   (``--low-cutoffs``): the same accuracy for the references the refinement
   really has.
 
-  python benchmarks/lowsnr_class_floor.py --work benchmarks/results/lowsnr_snr0.1 --data-dir ../shared/data \\
-      --out benchmarks/results/lowsnr_class_floor.json
+  python benchmarks/lowsnr_class_floor.py --work benchmarks/results/lowsnr_snr0.1 --out benchmarks/results/lowsnr_class_floor.json
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +37,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowsnr_mixture as mixture  # noqa: E402
 
+from particle_vae.data.ctf import ctf_from_table  # noqa: E402
+from particle_vae.data.preprocess import Preprocessing, radial_distance  # noqa: E402
+from particle_vae.engine.pose_search import psi_grid, rotated_spectra, score_poses  # noqa: E402
+from particle_vae.fourier import shell_index, shell_means  # noqa: E402
+from particle_vae.io.mrc import read_map  # noqa: E402
+from particle_vae.io.star import ParticleStar  # noqa: E402
+
 MAX_SHIFT = 4
 
 
 def best_per_reference(spectra: torch.Tensor, ctf: torch.Tensor, references: torch.Tensor, inv_sigma2: torch.Tensor,
                        cutoff: float, batch: int = 8) -> np.ndarray:
     """``(M, K)`` float32: each particle's best log-likelihood over angles and shifts against each reference."""
-    from particle_vae.engine.pose_search import psi_grid, rotated_spectra, score_poses
-
     turned = rotated_spectra(references.to(torch.float32), psi_grid(72))
     out = np.empty((len(spectra), len(references)), np.float32)
     for start in range(0, len(spectra), batch):
@@ -59,8 +62,6 @@ def best_per_reference(spectra: torch.Tensor, ctf: torch.Tensor, references: tor
 
 def inverse_noise_power(residual_spectra: torch.Tensor, box: int) -> torch.Tensor:
     """``(N, N // 2 + 1)`` 1 / noise power per coefficient, from the spectra of noise-only images (constant term dropped)."""
-    from particle_vae.fourier import shell_index, shell_means
-
     sigma2 = shell_means(residual_spectra.real ** 2 + residual_spectra.imag ** 2, box).mean(0)
     inv = (1.0 / sigma2.clamp_min(1e-30))[shell_index(box)]
     inv[0, 0] = 0.0
@@ -70,7 +71,6 @@ def inverse_noise_power(residual_spectra: torch.Tensor, box: int) -> torch.Tenso
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="work folder of benchmarks/lowsnr_mixture.py")
-    parser.add_argument("--data-dir", type=Path, help="reference-data folder holding structures/ (or $PARTICLE_VAE_DATA)")
     parser.add_argument("--cutoff", type=float, default=17.0,
                         help="Fourier cutoff of the banks and the full-resolution score, Fourier pixels (default 17: "
                              "the refinement's last search on the SNR 0.1 benchmark)")
@@ -79,19 +79,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--draws", type=int, default=20, help="random view subsets per bank size (default 20)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from particle_vae.data import simulation
-    from particle_vae.data.ctf import ctf_from_table
-    from particle_vae.data.preprocess import Preprocessing, radial_distance
-    from particle_vae.io.mrc import read_map
-    from particle_vae.io.star import ParticleStar
-
     started = time.perf_counter()
+    simulator = mixture.simulator_of(args.work / "sim")
     sim_dir = args.work / "sim"
-    settings = json.loads((sim_dir / "simulation.json").read_text())["settings"]
-    known = {f.name for f in fields(simulation.SimulationConfig)}
-    config = {key: value for key, value in settings.items() if key in known}
-    config["structures"] = [simulation.StructureSpec(**spec) for spec in config["structures"]]
-    simulator = simulation.Simulator(simulation.SimulationConfig(**config))
     m, box = simulator.config.n, mixture.BOX
     clean, centred = (images.to(torch.float64) for images in simulator.render(0, m, centred=True))
     noisy = torch.as_tensor(np.array(read_map(sim_dir / "particles.mrcs")[0]), dtype=torch.float64)
@@ -154,7 +144,7 @@ def main(argv=None) -> dict:
                "refinement": {"own_class_accuracy": round(float((own == truth).mean()), 4), "best_class_at_cutoff": refinement},
                "seconds": round(time.perf_counter() - started, 1), "machine": f"{mixture.os.cpu_count()} CPU cores, {mixture.platform_name()}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    mixture.atomic_json(args.out, results)
     print(json.dumps(results, indent=2))
     return results
 

@@ -210,6 +210,19 @@ def atomic_json(path: Path, value: dict) -> None:
     os.replace(temporary, path)
 
 
+def simulator_of(sim_dir: Path):
+    """The simulator that wrote ``sim_dir`` (from its ``simulation.json``), to render its particles again, e.g. without noise."""
+    from dataclasses import fields
+
+    from particle_vae.data import simulation
+
+    settings = json.loads((sim_dir / "simulation.json").read_text())["settings"]
+    known = {f.name for f in fields(simulation.SimulationConfig)}
+    config = {key: value for key, value in settings.items() if key in known}
+    config["structures"] = [simulation.StructureSpec(**spec) for spec in config["structures"]]
+    return simulation.Simulator(simulation.SimulationConfig(**config))
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file (the peer run is reused only on the very same stack)."""
     import hashlib

@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from particle_vae.analysis.pose_metrics import origin_errors
-    from particle_vae.data import simulation
     from particle_vae.data.ctf import ctf_from_table
     from particle_vae.engine.pose_search import local_refine
     from particle_vae.io.mrc import read_map
@@ -55,11 +53,7 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     sim_dir = args.work / "sim"
-    settings = json.loads((sim_dir / "simulation.json").read_text())["settings"]
-    known = {f.name for f in fields(simulation.SimulationConfig)}
-    config = {key: value for key, value in settings.items() if key in known}
-    config["structures"] = [simulation.StructureSpec(**spec) for spec in config["structures"]]
-    simulator = simulation.Simulator(simulation.SimulationConfig(**config))
+    simulator = mixture.simulator_of(sim_dir)
     m = min(args.n, simulator.config.n)
     clean, centred = simulator.render(0, m, centred=True)
     noisy = torch.as_tensor(np.array(read_map(sim_dir / "particles.mrcs")[0][:m]))
