@@ -40,7 +40,8 @@ import lowsnr_mixture as mixture  # noqa: E402
 from particle_vae.data.ctf import ctf_from_table  # noqa: E402
 from particle_vae.data.preprocess import Preprocessing, radial_distance  # noqa: E402
 from particle_vae.engine.pose_search import psi_grid, rotated_spectra, score_poses  # noqa: E402
-from particle_vae.fourier import shell_index, shell_means  # noqa: E402
+from particle_vae.engine.refine import inverse_noise_power  # noqa: E402
+from particle_vae.fourier import shell_means  # noqa: E402
 from particle_vae.io.mrc import read_map  # noqa: E402
 from particle_vae.io.star import ParticleStar  # noqa: E402
 
@@ -60,12 +61,9 @@ def best_per_reference(spectra: torch.Tensor, ctf: torch.Tensor, references: tor
     return out
 
 
-def inverse_noise_power(residual_spectra: torch.Tensor, box: int) -> torch.Tensor:
-    """``(N, N // 2 + 1)`` 1 / noise power per coefficient, from the spectra of noise-only images (constant term dropped)."""
-    sigma2 = shell_means(residual_spectra.real ** 2 + residual_spectra.imag ** 2, box).mean(0)
-    inv = (1.0 / sigma2.clamp_min(1e-30))[shell_index(box)]
-    inv[0, 0] = 0.0
-    return inv
+def measured_inverse_noise_power(residual_spectra: torch.Tensor, box: int) -> torch.Tensor:
+    """``(N, N // 2 + 1)`` 1 / noise power per coefficient, measured on the spectra of noise-only images ``(M, N, N // 2 + 1)``."""
+    return inverse_noise_power(shell_means(residual_spectra.real ** 2 + residual_spectra.imag ** 2, box).mean(0), box)
 
 
 def main(argv=None) -> dict:
@@ -80,8 +78,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    simulator = mixture.simulator_of(args.work / "sim")
     sim_dir = args.work / "sim"
+    simulator = mixture.simulator_of(sim_dir)
     m, box = simulator.config.n, mixture.BOX
     clean, centred = (images.to(torch.float64) for images in simulator.render(0, m, centred=True))
     noisy = torch.as_tensor(np.array(read_map(sim_dir / "particles.mrcs")[0]), dtype=torch.float64)
@@ -90,7 +88,7 @@ def main(argv=None) -> dict:
     structures = np.unique(truth)
     ctf = ctf_from_table(recorded.ctf_parameters(), box, mixture.APIX).to(torch.float64)
     spectra = torch.fft.rfft2(noisy)
-    inv_sigma2 = inverse_noise_power(spectra - torch.fft.rfft2(clean), box)
+    inv_sigma2 = measured_inverse_noise_power(spectra - torch.fft.rfft2(clean), box)
 
     # 1. perfect references: every other particle's noise-free view of each structure
     per_view = {}
@@ -129,7 +127,7 @@ def main(argv=None) -> dict:
     scale = background.std(dim=-1, correction=0)[:, None, None]
     normalised = (noisy - background.mean(dim=-1)[:, None, None]) / scale
     normalised_spectra = torch.fft.rfft2(normalised)
-    normalised_inv = inverse_noise_power(normalised_spectra - torch.fft.rfft2(clean / scale), box)
+    normalised_inv = measured_inverse_noise_power(normalised_spectra - torch.fft.rfft2(clean / scale), box)
     references = torch.as_tensor(arrays["refine_references"], dtype=torch.float64)
     refinement = {}
     for cutoff in [args.cutoff, *args.low_cutoffs]:

@@ -351,7 +351,8 @@ def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: fl
         points = np.hstack([points, _log_mass(mass, members, len(names), len(z))[:, None] / _positive(mass_tolerance)])
     with _thread_limit(len(z)):
         fitted = KMeans(n_clusters=int(k), n_init=10, random_state=seed).fit(points, sample_weight=sizes)
-    own = fitted.labels_.astype(np.int64)[members]
+    cluster_of_group = fitted.labels_.astype(np.int64)
+    own = cluster_of_group[members]
     labels = own
     if join is not None:
         join = np.asarray(join)
@@ -359,7 +360,7 @@ def merge_groups(z, groups, k: int, seed: int = 0, mass=None, mass_tolerance: fl
             raise ValueError(f"{len(join)} joined groups for {len(z)} particles")
         where = np.clip(np.searchsorted(names, join), 0, len(names) - 1)
         known = names[where] == join
-        labels = np.where(known, fitted.labels_.astype(np.int64)[where], own)
+        labels = np.where(known, cluster_of_group[where], own)
     moved = int((labels != own).sum())
     labels, centres, counts = _relabel_by_size(labels, _member_means(z, labels, int(k)))
     return ClusterResult(labels=labels, centres=centres, counts=counts.astype(np.int64), method="kmeans",

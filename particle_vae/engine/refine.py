@@ -67,8 +67,8 @@ from particle_vae.fourier import shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefineSettings", "RefineResult", "refine_poses", "low_resolution_classes", "aligned_ctf_table", "FrameRegistration",
-           "register_frames", "apply_registration", "resample_image"]
+__all__ = ["RefineSettings", "RefineResult", "refine_poses", "low_resolution_classes", "inverse_noise_power", "aligned_ctf_table",
+           "FrameRegistration", "register_frames", "apply_registration", "resample_image"]
 
 
 @dataclass
@@ -197,6 +197,16 @@ def _wiener(acc: _Accumulator, sigma2: torch.Tensor, regularisation: float, box:
     return torch.fft.irfft2(spectrum, s=(box, box)), snr
 
 
+def inverse_noise_power(sigma2: torch.Tensor, box: int) -> torch.Tensor:
+    """``(N, N // 2 + 1)`` weight ``1 / sigma2`` of each rfft2 coefficient from the noise power per shell ``(N // 2 + 1,)``.
+
+    The constant term gets weight 0: each image's offset carries no pose or class information.
+    """
+    inverse = (1.0 / sigma2.clamp_min(1e-30))[shell_index(box, device=sigma2.device)]
+    inverse[0, 0] = 0.0
+    return inverse
+
+
 def _finish_references(refs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = refs * mask
     for j in range(out.shape[0]):
@@ -314,8 +324,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
         cutoffs.append(cutoff)
         shift_step = max(1, int(box // (2 * cutoff)))
         reference_spectra = rotated_spectra(refs.to(torch.float32), grid)
-        inv_sigma2 = (1.0 / sigma2.clamp_min(1e-30))[shell_index(box, device=device)]
-        inv_sigma2[0, 0] = 0.0  # the constant offset of each image carries no pose information
+        inv_sigma2 = inverse_noise_power(sigma2, box)
         acc = _Accumulator(k, box, device)
         log_prior = torch.log(class_prior.clamp_min(1e-6))
         loader = make_loader(dataset, settings.batch_size, shuffle=False)
@@ -360,8 +369,8 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
     low_res = out["classes"]
     if settings.structure_cycles is not None:
         low_res = low_resolution_classes(dataset, table, pixel_size, refs, sigma2, counts > 0,
-                                         settings.structure_cycles * box / (2.0 * mask_radius), max_shift, settings.batch_size,
-                                         device, progress)
+                                         settings.structure_cycles * box / (2.0 * mask_radius), max_shift, settings.n_psi,
+                                         settings.batch_size, device, progress)
         log.info("structure decision at %.0f A: %d particles fit another class best", 2.0 * mask_radius * pixel_size
                  / settings.structure_cycles, int((low_res != out["classes"]).sum()))
     return RefineResult(classes=out["classes"], psi_deg=_psi_range(out["psi"]), origin_px=-out["shift"], psi_std_deg=out["psi_std"],
@@ -372,8 +381,8 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
 
 @torch.no_grad()
 def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: float, references: torch.Tensor, sigma2: torch.Tensor,
-                           allowed: np.ndarray, cutoff: float, max_shift: int, batch_size: int = 32, device="cpu",
-                           progress: bool = True) -> np.ndarray:
+                           allowed: np.ndarray, cutoff: float, max_shift: int, n_psi: int = 72, batch_size: int = 32,
+                           device="cpu", progress: bool = True) -> np.ndarray:
     """The class whose reference fits each particle best (over every angle and shift) up to a low resolution.
 
     Args:
@@ -384,16 +393,14 @@ def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: floa
         sigma2: ``(N // 2 + 1,)`` noise power per Fourier shell.
         allowed: ``(K,)`` bool, classes that may be chosen (e.g. those that kept particles).
         cutoff: Fourier radius (Fourier pixels of the ``N``-pixel box) of the comparison.
-        max_shift: largest displacement searched, pixels.
+        max_shift: largest displacement searched, pixels; n_psi: angles on the rotation grid.
     Returns:
         ``(M,)`` int64 class of each particle, in dataset order (``index``).
     """
     device = torch.device(device)
     box = references.shape[-1]
-    grid = psi_grid(72)
-    spectra_refs = rotated_spectra(references.to(device, torch.float32), grid)
-    inv_sigma2 = (1.0 / sigma2.to(device).clamp_min(1e-30))[shell_index(box, device=device)]
-    inv_sigma2[0, 0] = 0.0
+    spectra_refs = rotated_spectra(references.to(device, torch.float32), psi_grid(n_psi))
+    inv_sigma2 = inverse_noise_power(sigma2.to(device), box)
     ruled_out = torch.as_tensor(~np.asarray(allowed, dtype=bool), device=device)
     chosen = np.zeros(len(dataset), np.int64)
     for batch in tqdm(make_loader(dataset, batch_size, shuffle=False), desc="structure decision", unit="batch",
