@@ -55,6 +55,7 @@ __all__ = [
     "warp_images",
     "fourier_shift",
     "fourier_shift_phase",
+    "mirror_images",
     "model_pose_to_relion",
     "relion_to_model_pose",
     "object_pose_to_model",
@@ -213,6 +214,24 @@ def fourier_shift_phase(height: int, width: int, shift: torch.Tensor) -> torch.T
     kx = torch.fft.rfftfreq(width, device=shift.device, dtype=torch.float64)
     phase = -2 * math.pi * (shift[..., 0, None, None] * kx[None, :] + shift[..., 1, None, None] * ky[:, None])
     return torch.polar(torch.ones_like(phase), phase)
+
+
+def mirror_images(images: torch.Tensor) -> torch.Tensor:
+    """Mirror images about the vertical axis through the box centre: ``out(x, y) = img(-x, y)``.
+
+    A projection seen from the opposite side of the object is this mirror image of the one seen from the
+    front (turning the object by 180 degrees about the y axis maps ``(x, y, z)`` to ``(-x, y, -z)``), so the
+    mirror of a 2D class average is another view of the same 3D structure. Pixel coordinates follow
+    :func:`pixel_grid` (centre at ``box // 2``); on even boxes the column at ``x = -box / 2`` has no partner
+    and maps onto itself (periodic, as in Fourier space).
+
+    Args:
+        images: ``(..., H, W)`` tensor.
+    Returns:
+        Tensor shaped like ``images``.
+    """
+    width = images.shape[-1]
+    return torch.roll(images.flip(-1), shifts=1 - width % 2, dims=-1)
 
 
 def model_pose_to_relion(theta, t_px, pixel_size: float):

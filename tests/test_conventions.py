@@ -137,3 +137,31 @@ def test_warp_identity_is_exact(box):
     img = torch.rand(3, box, box)
     out = cv.warp_images(img, torch.zeros(3), torch.zeros(3, 2))
     assert torch.allclose(out, img, atol=1e-5)
+
+
+@pytest.mark.parametrize("box", [32, 33])
+def test_mirror_images_maps_x_to_minus_x_and_is_its_own_inverse(box):
+    blob = gaussian_blob(box, centre=(3.0, -2.0), sigma=(2.5, 1.2), angle=0.4)
+    mirrored = cv.mirror_images(blob)
+    expected = gaussian_blob(box, centre=(-3.0, -2.0), sigma=(2.5, 1.2), angle=-0.4)
+    paired = slice(1 - box % 2, None)  # an even box's first column (x = -box / 2) has no mirror partner
+    torch.testing.assert_close(mirrored[:, paired], expected[:, paired])
+    torch.testing.assert_close(cv.mirror_images(mirrored), blob)
+
+
+def test_projection_from_the_opposite_side_is_the_mirror_image():
+    """Turning an object by 180 degrees about the y axis, ``(x, y, z) -> (-x, y, -z)``, mirrors its projection."""
+    from particle_vae.data.simulation.projection import project_volume
+
+    box = 16
+    rng = np.random.default_rng(3)
+    volume = torch.zeros(box, box, box, dtype=torch.float64)
+    axis = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    for centre in rng.uniform(-4, 4, (4, 3)):  # (x, y, z) of an asymmetric cluster of blobs
+        volume += torch.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) / 4.0)
+    turned = torch.roll(volume.flip(0, 2), shifts=(1, 1), dims=(0, 2))  # [z, y, x]: z -> -z, x -> -x about box // 2
+    front = project_volume(volume.numpy().astype(np.float32), 0.0, 0.0, 0.0)[0].double()
+    back = project_volume(turned.numpy().astype(np.float32), 0.0, 0.0, 0.0)[0].double()
+    torch.testing.assert_close(back, cv.mirror_images(front), atol=1e-4 * float(front.abs().max()), rtol=0)
+    assert not torch.allclose(back, front, atol=0.05 * float(front.abs().max()))  # the object is not mirror-symmetric

@@ -20,11 +20,18 @@ classification uses):
 * noise: ``sigma2`` per frequency shell from the residuals at the best poses.
 * resolution: each iteration searches up to the shell where the references'
   signal-to-noise ratio falls below one, plus a margin (coarse to fine).
-* written centre: the posterior mean of the particle's centre over every
-  (class, angle, shift), with the best pose's neighbourhood at its refined
-  shift. Every reference is centred on its centre of mass, so a particle's
-  centre in the image means the same under every class and angle; where the
-  posterior is split the mean errs less than the mode.
+* written centre: after the last iteration, the posterior mean of the
+  particle's centre over every (class, angle, shift) against the final
+  references and their mirror images, with the best pose's neighbourhood at its
+  refined shift. Every reference is centred on its centre of mass, so a
+  particle's centre in the image means the same under every class, mirror and
+  angle; where the posterior is split the mean errs less than the mode. The
+  projection from the opposite side of a structure is the mirror of the one
+  from the front (:func:`~particle_vae.conventions.mirror_images`), so the
+  mirrors are views of the same structures that the classes may not hold:
+  twice the views to line a particle up with, for one more pass. The angle and
+  class stay those of the EM (a mirrored match has no in-plane angle in the
+  class's frame).
 * structure decision: after the last iteration every particle is compared
   with every final reference once more at low resolution only (4.5 Fourier
   cycles across the mask's diameter, about 64 A for a 290 A particle), and the
@@ -32,8 +39,9 @@ classification uses):
   views of one structure differ in fine detail, and a particle whose view no
   class of its structure holds fits a similar view of another structure better
   at full resolution; at low resolution the classes of one structure look alike
-  (size, mass, envelope) and structures differ. ``analyze`` puts each particle
-  in the group of that class (docs/analysis.md).
+  (size, mass, envelope) and structures differ. Each reference's mirror image
+  is scored as well and counts for its class. ``analyze`` puts each particle in
+  the group of that class (docs/analysis.md).
 
 Each class's angles are relative to its own reference; :func:`register_frames`
 turns the classes into one frame afterwards (references onto each other, then
@@ -58,7 +66,7 @@ import torch
 from tqdm import tqdm
 
 from particle_vae.analysis.averages import centre_on_mass
-from particle_vae.conventions import fourier_shift_phase, undo_relion_pose
+from particle_vae.conventions import fourier_shift_phase, mirror_images, undo_relion_pose
 from particle_vae.data.ctf import effective_ctf
 from particle_vae.data.preprocess import circular_mask
 from particle_vae.data.sampling import make_loader
@@ -67,7 +75,7 @@ from particle_vae.fourier import shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefineSettings", "RefineResult", "refine_poses", "low_resolution_classes", "inverse_noise_power", "aligned_ctf_table",
+__all__ = ["RefineSettings", "RefineResult", "refine_poses", "posterior_mean_centres", "low_resolution_classes", "inverse_noise_power", "aligned_ctf_table",
            "FrameRegistration", "register_frames", "apply_registration", "resample_image"]
 
 
@@ -91,6 +99,8 @@ class RefineSettings:
             grid) instead of the most probable pose's; the angle is always the most probable one's.
         structure_cycles: resolution of the structure decision (module docstring) as Fourier cycles
             across the mask's diameter (4.5: a 290 A mask compares to 64 A); ``None`` skips it.
+        mirrors: score the mirror image of each final reference as well, for the written centre (with
+            ``mean_shift``) and the structure decision (module docstring).
     """
 
     iterations: int = 12
@@ -105,6 +115,7 @@ class RefineSettings:
     margin: int = 3
     mean_shift: bool = True
     structure_cycles: float | None = 4.5
+    mirrors: bool = True
 
 
 @dataclass
@@ -366,11 +377,15 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
                  iteration + 1, settings.iterations, box * pixel_size / cutoff,
                  np.bincount(out["classes"], minlength=k).tolist(), float(np.median(out["psi_std"])))
     counts = np.bincount(out["classes"], minlength=k)
+    if settings.mean_shift:
+        out["shift"] = posterior_mean_centres(dataset, table, pixel_size, refs, sigma2, class_prior,
+                                              _cutoff(snr, settings.margin, box), max_shift, shift_sigma, settings.n_psi,
+                                              settings.mirrors, settings.batch_size, device, progress)
     low_res = out["classes"]
     if settings.structure_cycles is not None:
         low_res = low_resolution_classes(dataset, table, pixel_size, refs, sigma2, counts > 0,
                                          settings.structure_cycles * box / (2.0 * mask_radius), max_shift, settings.n_psi,
-                                         settings.batch_size, device, progress)
+                                         settings.batch_size, device, progress, mirrors=settings.mirrors)
         log.info("structure decision at %.0f A: %d particles fit another class best", 2.0 * mask_radius * pixel_size
                  / settings.structure_cycles, int((low_res != out["classes"]).sum()))
     return RefineResult(classes=out["classes"], psi_deg=_psi_range(out["psi"]), origin_px=-out["shift"], psi_std_deg=out["psi_std"],
@@ -379,11 +394,61 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
                         low_res_classes=low_res)
 
 
+def _with_mirrors(references: torch.Tensor, mirrors: bool) -> torch.Tensor:
+    """``(K, N, N)`` references, followed by their mirror images when ``mirrors``: ``(2K, N, N)``."""
+    return torch.cat([references, mirror_images(references)]) if mirrors else references
+
+
+@torch.no_grad()
+def posterior_mean_centres(dataset, table: pd.DataFrame | None, pixel_size: float, references: torch.Tensor,
+                           sigma2: torch.Tensor, class_prior: torch.Tensor, cutoff: float, max_shift: int, shift_sigma: float,
+                           n_psi: int = 72, mirrors: bool = True, batch_size: int = 32, device="cpu",
+                           progress: bool = True) -> np.ndarray:
+    """Posterior mean of each particle's displacement over every class (and mirror image), angle and shift.
+
+    Args:
+        dataset, table, pixel_size: as for :func:`refine_poses`.
+        references: ``(K, N, N)`` class references, each centred on its centre of mass.
+        sigma2: ``(N // 2 + 1,)`` noise power per Fourier shell; class_prior: ``(K,)`` prior class probabilities.
+        cutoff: Fourier radius (Fourier pixels) of the search; max_shift: largest displacement, pixels.
+        shift_sigma: standard deviation of the Gaussian prior on the displacement, pixels.
+        n_psi: angles on the rotation grid; mirrors: score each reference's mirror image as well (half its
+            class's prior each).
+    Returns:
+        ``(M, 2)`` float64 ``(dx, dy)`` displacement in pixels (the RELION origin is its negative), in dataset
+        order (``index``).
+    """
+    device = torch.device(device)
+    candidates = _with_mirrors(references.to(device, torch.float64), mirrors)
+    grid = psi_grid(n_psi)
+    spectra_refs = rotated_spectra(candidates.to(torch.float32), grid)
+    box = references.shape[-1]
+    inv_sigma2 = inverse_noise_power(sigma2.to(device), box)
+    prior = torch.log(class_prior.to(device, torch.float64).clamp_min(1e-6))
+    if mirrors:
+        prior = torch.cat([prior, prior]) - math.log(2.0)
+    shift_step = max(1, int(box // (2 * cutoff)))
+    centres = np.zeros((len(dataset), 2))
+    for batch in tqdm(make_loader(dataset, batch_size, shuffle=False), desc="centres", unit="batch",
+                      disable=None if progress else True, leave=False):
+        images = batch["images"][:, 0].to(device, torch.float32)
+        rows = batch["index"].numpy()
+        spectra = torch.fft.rfft2(images)
+        ctf = _ctf_for(table, rows, box, pixel_size, device)
+        best = best_poses(score_poses(spectra, ctf, spectra_refs, inv_sigma2, max_shift, cutoff, shift_step), grid, prior,
+                          shift_sigma, top=1)
+        _, mode_shift = local_refine(spectra, ctf, candidates, inv_sigma2, best.classes, best.psi_deg, best.shift_px, cutoff,
+                                     angle_range=360.0 / n_psi, shift_range=float(shift_step))
+        centres[rows] = best.shift_mean_px(mode_shift).cpu().numpy()
+    return centres
+
+
 @torch.no_grad()
 def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: float, references: torch.Tensor, sigma2: torch.Tensor,
                            allowed: np.ndarray, cutoff: float, max_shift: int, n_psi: int = 72, batch_size: int = 32,
-                           device="cpu", progress: bool = True) -> np.ndarray:
-    """The class whose reference fits each particle best (over every angle and shift) up to a low resolution.
+                           device="cpu", progress: bool = True, mirrors: bool = True) -> np.ndarray:
+    """The class whose reference, or its mirror image (with ``mirrors``), fits each particle best (over every angle
+    and shift) up to a low resolution (the structure decision of the module docstring).
 
     Args:
         dataset: as for :func:`refine_poses`.
@@ -394,12 +459,14 @@ def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: floa
         allowed: ``(K,)`` bool, classes that may be chosen (e.g. those that kept particles).
         cutoff: Fourier radius (Fourier pixels of the ``N``-pixel box) of the comparison.
         max_shift: largest displacement searched, pixels; n_psi: angles on the rotation grid.
+        mirrors: score each reference's mirror image as well (a fit of the mirror counts for its class).
     Returns:
         ``(M,)`` int64 class of each particle, in dataset order (``index``).
     """
     device = torch.device(device)
     box = references.shape[-1]
-    spectra_refs = rotated_spectra(references.to(device, torch.float32), psi_grid(n_psi))
+    k = references.shape[0]
+    spectra_refs = rotated_spectra(_with_mirrors(references.to(device, torch.float32), mirrors), psi_grid(n_psi))
     inv_sigma2 = inverse_noise_power(sigma2.to(device), box)
     ruled_out = torch.as_tensor(~np.asarray(allowed, dtype=bool), device=device)
     chosen = np.zeros(len(dataset), np.int64)
@@ -409,7 +476,8 @@ def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: floa
         rows = batch["index"].numpy()
         scores = score_poses(torch.fft.rfft2(images), _ctf_for(table, rows, box, pixel_size, device), spectra_refs,
                              inv_sigma2.to(torch.float32), max_shift, cutoff)
-        best = scores.loglik.flatten(2).max(dim=2).values  # (B, K)
+        best = scores.loglik.flatten(2).max(dim=2).values  # (B, K) or (B, 2K): the references, then their mirrors
+        best = torch.maximum(best[:, :k], best[:, k:]) if mirrors else best
         chosen[rows] = best.masked_fill(ruled_out[None], -math.inf).argmax(dim=1).cpu().numpy()
     return chosen
 
