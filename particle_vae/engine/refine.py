@@ -75,8 +75,9 @@ from particle_vae.fourier import shell_index, shell_means
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefineSettings", "RefineResult", "refine_poses", "posterior_mean_centres", "low_resolution_classes", "inverse_noise_power", "aligned_ctf_table",
-           "FrameRegistration", "register_frames", "apply_registration", "resample_image"]
+__all__ = ["RefineSettings", "RefineResult", "refine_poses", "posterior_mean_centres", "low_resolution_classes",
+           "inverse_noise_power", "aligned_ctf_table", "FrameRegistration", "register_frames", "apply_registration",
+           "resample_image"]
 
 
 @dataclass
@@ -399,6 +400,11 @@ def _with_mirrors(references: torch.Tensor, mirrors: bool) -> torch.Tensor:
     return torch.cat([references, mirror_images(references)]) if mirrors else references
 
 
+def _batch_for(batch_size: int, mirrors: bool) -> int:
+    """Particles per batch of a pass over twice the references: the score array stays the E-step's size."""
+    return max(1, batch_size // 2) if mirrors else batch_size
+
+
 @torch.no_grad()
 def posterior_mean_centres(dataset, table: pd.DataFrame | None, pixel_size: float, references: torch.Tensor,
                            sigma2: torch.Tensor, class_prior: torch.Tensor, cutoff: float, max_shift: int, shift_sigma: float,
@@ -429,7 +435,7 @@ def posterior_mean_centres(dataset, table: pd.DataFrame | None, pixel_size: floa
         prior = torch.cat([prior, prior]) - math.log(2.0)
     shift_step = max(1, int(box // (2 * cutoff)))
     centres = np.zeros((len(dataset), 2))
-    for batch in tqdm(make_loader(dataset, batch_size, shuffle=False), desc="centres", unit="batch",
+    for batch in tqdm(make_loader(dataset, _batch_for(batch_size, mirrors), shuffle=False), desc="centres", unit="batch",
                       disable=None if progress else True, leave=False):
         images = batch["images"][:, 0].to(device, torch.float32)
         rows = batch["index"].numpy()
@@ -470,8 +476,8 @@ def low_resolution_classes(dataset, table: pd.DataFrame | None, pixel_size: floa
     inv_sigma2 = inverse_noise_power(sigma2.to(device), box)
     ruled_out = torch.as_tensor(~np.asarray(allowed, dtype=bool), device=device)
     chosen = np.zeros(len(dataset), np.int64)
-    for batch in tqdm(make_loader(dataset, batch_size, shuffle=False), desc="structure decision", unit="batch",
-                      disable=None if progress else True, leave=False):
+    for batch in tqdm(make_loader(dataset, _batch_for(batch_size, mirrors), shuffle=False), desc="structure decision",
+                      unit="batch", disable=None if progress else True, leave=False):
         images = batch["images"][:, 0].to(device, torch.float32)
         rows = batch["index"].numpy()
         scores = score_poses(torch.fft.rfft2(images), _ctf_for(table, rows, box, pixel_size, device), spectra_refs,
