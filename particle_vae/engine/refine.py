@@ -365,7 +365,7 @@ def refine_poses(dataset, table: pd.DataFrame | None, pixel_size: float, labels:
             acc.shift_sq += float((best.shift_px ** 2).sum())
             out["classes"][rows] = best.classes.cpu().numpy()
             out["psi"][rows] = best.psi_deg.cpu().numpy()
-            out["shift"][rows] = (best.shift_mean_px() if settings.mean_shift else best.shift_px).cpu().numpy()
+            out["shift"][rows] = best.shift_px.cpu().numpy()  # with mean_shift, replaced after the EM
             out["psi_std"][rows] = best.psi_std_deg.cpu().numpy()
             out["probability"][rows] = best.probability.cpu().numpy()
             out["class_probability"][rows] = best.class_probability.gather(1, best.classes[:, None])[:, 0].cpu().numpy()
