@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,8 +124,15 @@ def device_for(context: DistContext, device: str = "auto") -> torch.device:
 
 
 def cleanup(context: DistContext) -> None:
-    """Leave the process group (no effect for a single process)."""
+    """Leave the process group (no effect for a single process).
+
+    On a normal exit every rank first waits for the others: a gloo rank that tears its group down while a peer still
+    has traffic in flight to it can abort ("terminate called without an active exception"). While an exception is
+    propagating (called from a ``finally``), the other ranks may never get here, so the group is left at once.
+    """
     if context.distributed and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
