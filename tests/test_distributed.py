@@ -407,3 +407,50 @@ def test_ddp_broadcasts_the_models_own_buffers_into_the_model(tmp_path: Path):
     gathered = torch.load(tmp_path / "buffers.pt", weights_only=True)
     assert all(torch.equal(rank["at_wrap"], torch.ones_like(rank["at_wrap"])) for rank in gathered)  # rank 0's bank
     assert torch.equal(gathered[0]["grad"], gathered[1]["grad"])
+
+
+
+LATE_RANK_DELAY_S = 1.0
+
+
+def _cleanup_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank 0 reaches ``cleanup`` LATE_RANK_DELAY_S late; rank 1 records how long its own ``cleanup`` took."""
+    import time
+
+    from particle_vae.engine import distributed as ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    context = ddp.init_distributed("cpu")
+    ddp.all_reduce_sum(context, torch.ones(1))  # the group is up on both ranks
+    if rank == 0:
+        time.sleep(LATE_RANK_DELAY_S)
+    started = time.perf_counter()
+    ddp.cleanup(context)
+    torch.save(time.perf_counter() - started, Path(folder) / f"cleanup_{rank}.pt")
+
+
+def test_cleanup_waits_for_every_rank_on_a_normal_exit(tmp_path: Path):
+    """A gloo rank that leaves the group while a peer still has traffic for it can abort the process: on a normal
+    exit ``cleanup`` waits for every rank."""
+    mp.spawn(_cleanup_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / "cleanup_1.pt", weights_only=True) >= 0.5 * LATE_RANK_DELAY_S
+
+
+def test_cleanup_leaves_at_once_while_an_exception_propagates(monkeypatch):
+    """Called from a ``finally`` during an error, ``cleanup`` must not wait at a barrier that the failed rank's peers
+    may never reach; it still leaves the group."""
+    from particle_vae.engine import distributed as ddp
+
+    calls = []
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp.dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    context = DistContext(rank=1, world_size=2, local_rank=1, backend="gloo")
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("a rank failing")
+        finally:
+            ddp.cleanup(context)
+    assert calls == ["destroy"]
+    ddp.cleanup(context)
+    assert calls == ["destroy", "barrier", "destroy"]
