@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -409,14 +410,11 @@ def test_ddp_broadcasts_the_models_own_buffers_into_the_model(tmp_path: Path):
     assert torch.equal(gathered[0]["grad"], gathered[1]["grad"])
 
 
-
 LATE_RANK_DELAY_S = 1.0
 
 
 def _cleanup_worker(rank: int, world: int, port: int, folder: str) -> None:
     """Rank 0 reaches ``cleanup`` LATE_RANK_DELAY_S late; rank 1 records how long its own ``cleanup`` took."""
-    import time
-
     from particle_vae.engine import distributed as ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

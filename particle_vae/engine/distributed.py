@@ -132,7 +132,7 @@ def cleanup(context: DistContext) -> None:
     """
     if context.distributed and dist.is_initialized():
         if sys.exc_info()[0] is None:
-            dist.barrier()
+            barrier(context)
         dist.destroy_process_group()
 
 
